@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv and installs the lock first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.9
+# Stages call `effnet`/`dvc` from the venv; everything stays local and offline.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+UI_PORT ?= 5000
+
+.PHONY: install demo ui test test-all lock clean
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -r requirements.lock -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install  ## the whole pipeline on the demo data, through the Prefect flow
+	$(PY) flows/pipeline.py
+	dvc metrics show
+	@echo "Browse the runs and the registered model: make ui  (MLflow UI on http://127.0.0.1:$(UI_PORT))"
+
+ui: install  ## MLflow UI over the workspace's store
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+test: install  ## fast suite (what CI runs)
+	$(PY) -m pytest
+
+test-all: install  ## including the `slow` tests
+	$(PY) -m pytest -m ""
+
+lock:  ## re-resolve requirements.lock from pyproject.toml
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+clean:
+	rm -rf data models metrics mlflow.db mlartifacts .prefect .lightning

@@ -1,0 +1,114 @@
+"""`effnet <stage>`: parse arguments, load params.yaml (plus --set overrides), call the stage function.
+
+Errors a user can fix (bad params, missing paths) print as one line, `effnet: error: ...`, with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from effnet.errors import EffnetError
+
+
+def _common(p: argparse.ArgumentParser, variant: bool = False) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one param (repeatable), e.g. --set train.epochs=3")
+    if variant:
+        p.add_argument("--variant", required=True, help="a key of `variants:` in params")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="effnet", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the procedural demo ImageFolder")
+    p.add_argument("out", type=Path)
+    _common(p)
+    p = sub.add_parser("shard", help="ImageFolder -> webdataset shards + manifest")
+    p.add_argument("src", type=Path)
+    p.add_argument("out", type=Path)
+    _common(p)
+    p = sub.add_parser("train", help="train a variant on the shards")
+    p.add_argument("shards", type=Path)
+    p.add_argument("out", type=Path, help="model bundle folder to write")
+    _common(p, variant=True)
+    p = sub.add_parser("fixres", help="FixRes fine-tune a trained bundle at a larger resolution")
+    p.add_argument("shards", type=Path)
+    p.add_argument("trained", type=Path)
+    p.add_argument("out", type=Path)
+    _common(p, variant=True)
+    p = sub.add_parser("evaluate", help="top-1/top-5 of model bundles at each one's resolution")
+    p.add_argument("shards", type=Path)
+    p.add_argument("bundles", nargs="+", metavar="LABEL=BUNDLE", help="e.g. trained=models/x/trained")
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    _common(p, variant=True)
+    p = sub.add_parser("register", help="log and register the final model in the MLflow Model Registry")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("metrics", type=Path)
+    p.add_argument("out", type=Path, help="registration record (JSON) to write")
+    _common(p, variant=True)
+    p = sub.add_parser("variants", help="the model card as a table")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead")
+    p.add_argument("--flops", action="store_true", help="add FLOPs measured on the built model")
+    p.add_argument("--phi", type=float, action="append", help="show the compound-scaled variant for PHI")
+    return ap
+
+
+def _labelled(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep:
+            raise EffnetError(f"expected LABEL=BUNDLE, got {item!r}")
+        out[label] = Path(path)
+    return out
+
+
+def dispatch(args: argparse.Namespace) -> object:
+    # Stage modules import torch & co: import them only for the command that runs.
+    if args.command == "variants":
+        from effnet import variants
+        return variants.show(args.phi or [], as_json=args.json, measure_flops=args.flops)
+
+    from effnet import config
+    params = config.load(args.params, args.overrides)
+    if hasattr(args, "variant"):
+        params.variant(args.variant)  # unknown key -> error before any work
+    if args.command == "demo-data":
+        from effnet.data import demo
+        return demo.run(params.demo_data, args.out)
+    if args.command == "shard":
+        from effnet.data import shard
+        return shard.run(params.shard, args.src, args.out)["splits"]
+    if args.command == "train":
+        from effnet import train
+        return train.run(params, args.variant, args.shards, args.out)
+    if args.command == "fixres":
+        from effnet import fixres
+        return fixres.run(params, args.variant, args.shards, args.trained, args.out)
+    if args.command == "evaluate":
+        from effnet import evaluate
+        return evaluate.run(params, args.variant, args.shards, _labelled(args.bundles), args.out)
+    if args.command == "register":
+        from effnet import register
+        return register.run(params, args.variant, args.bundle, args.metrics, args.out)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result = dispatch(args)
+    except EffnetError as e:
+        print(f"effnet: error: {e}", file=sys.stderr)
+        return 2
+    if result is not None and args.command != "variants":
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

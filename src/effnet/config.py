@@ -1,0 +1,163 @@
+"""Typed params: one pydantic model per params.yaml section, validated before any stage does work.
+
+`load(path, overrides)` reads params.yaml, applies `section.key=value` overrides (values parsed as YAML) and
+returns `Params`; any unknown key, wrong type or unknown variant raises EffnetError naming the key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from effnet import variants
+from effnet.errors import EffnetError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VariantSpec(Section):
+    """A params.yaml entry under `variants:`: a card ID or a compound-scaling phi."""
+
+    model: str | None = None
+    phi: float | None = Field(default=None, ge=-12, le=8)
+
+    @model_validator(mode="after")
+    def _known(self) -> VariantSpec:
+        try:  # unknown card ID, or both/neither given: fail at load, naming the key, not mid-pipeline
+            self.resolve()
+        except EffnetError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def resolve(self) -> variants.Variant:
+        return variants.resolve(self.model, self.phi)
+
+
+class DemoDataConfig(Section):
+    classes: int = Field(default=10, ge=2, le=10)
+    train_per_class: int = Field(default=200, ge=1)
+    val_per_class: int = Field(default=50, ge=1)
+    image_size: int = Field(default=96, ge=16)
+    seed: int = 0
+
+
+class ShardConfig(Section):
+    samples_per_shard: int = Field(default=1000, ge=1)
+    seed: int = 0  # order of samples across shards
+
+
+class DataConfig(Section):
+    source: str = "data/demo"  # an ImageFolder with train/ and val/; the demo-data stage writes the default
+    num_workers: int = Field(default=2, ge=0)
+    shuffle_buffer: int = Field(default=1000, ge=0)
+
+
+class TrainConfig(Section):
+    img_size: int | None = Field(default=None, ge=16)  # None: the variant's own
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)  # per device
+    lr: float | None = Field(default=None, gt=0)  # None: the card's LR scaled linearly to the global batch
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    decay_epochs: float = Field(default=2.4, gt=0)  # LR *= decay_rate every decay_epochs (the card's schedule)
+    decay_rate: float = Field(default=0.97, gt=0, le=1)
+    opt: str = "rmsproptf"
+    weight_decay: float | None = Field(default=None, ge=0)  # None: the card's
+    label_smoothing: float | None = Field(default=None, ge=0, lt=1)
+    auto_augment: str | None = "original"  # timm policy string: 'original' (the card's), 'rand-m9-mstd0.5', None
+    drop_rate: float | None = Field(default=None, ge=0, lt=1)  # None: the variant's dropout
+    drop_path_rate: float | None = Field(default=None, ge=0, lt=1)  # None: 1 - the card's survival prob
+    bn_momentum: float | None = Field(default=None, gt=0, lt=1)  # TF terms (0.99); None: the card's
+    pretrained: bool = False  # timm hub weights (online)
+    pretrained_file: str | None = None  # local safetensors/.pth weights (offline)
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = Field(default=1, ge=1)
+    strategy: str = "auto"
+    precision: str | None = None  # None: bf16-mixed on GPU, 32 on CPU
+    seed: int = 0
+    progress_bar: bool = True
+
+
+class FixResConfig(Section):
+    img_size: int | None = Field(default=None, ge=16)  # None: round(train resolution * scale)
+    scale: float = Field(default=1.15, gt=0)
+    epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    unfreeze: list[str] = []  # more module names to fine-tune beyond the classifier and last BatchNorm
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(default=128, ge=1)
+
+
+class RegistryConfig(Section):
+    alias: str = "champion"  # moved to a new version only when it beats the current one by `margin`
+    challenger_alias: str = "challenger"
+    margin: float = Field(default=0.0, ge=0)  # top-1 points
+
+
+class MlflowConfig(Section):
+    experiment: str = "effnet"
+
+
+class Params(Section):
+    variants: dict[str, VariantSpec] = Field(min_length=1)
+    demo_data: DemoDataConfig = DemoDataConfig()
+    data: DataConfig = DataConfig()
+    shard: ShardConfig = ShardConfig()
+    train: TrainConfig = TrainConfig()
+    fixres: FixResConfig = FixResConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    def variant(self, key: str) -> variants.Variant:
+        if key not in self.variants:
+            raise EffnetError(f"variants.{key}: not in params (known: {', '.join(self.variants)})")
+        return self.variants[key].resolve()
+
+
+def _override(raw: dict, assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise EffnetError(f"--set {assignment!r}: expected section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise EffnetError(f"--set {key}: '{part}' is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {key}: {msg}{more}"
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise EffnetError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise EffnetError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise EffnetError(f"{path}: expected a mapping of sections")
+    for assignment in overrides:
+        _override(raw, assignment)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise EffnetError(_one_line(e, str(path))) from None

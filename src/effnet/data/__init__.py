@@ -1,0 +1,1 @@
+"""Data stages: demo data, sharding to webdataset tars, streaming them into training."""

@@ -1,0 +1,21 @@
+"""Preprocessing, all through timm: train = RandomResizedCrop + flip + AutoAugment; eval = resize by crop pct +
+center crop (what timm's resolve_data_config + create_transform give for the model); FixRes = eval + flip."""
+from __future__ import annotations
+
+from timm.data import create_transform
+from torchvision import transforms as T
+
+
+def train_transform(dc: dict, auto_augment: str | None):
+    return create_transform(dc["img_size"], is_training=True, auto_augment=auto_augment,
+                            interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
+
+
+def eval_transform(dc: dict):
+    return create_transform(dc["img_size"], is_training=False, crop_pct=dc["crop_pct"],
+                            interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
+
+
+def fixres_transform(dc: dict):
+    """Test-time preprocessing with a flip: FixRes fine-tunes on the statistics the model is tested on."""
+    return T.Compose([T.RandomHorizontalFlip(), eval_transform(dc)])

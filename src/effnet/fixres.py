@@ -1,0 +1,42 @@
+"""The `fixres` stage (Touvron et al. 2019, "Fixing the train-test resolution discrepancy").
+
+RandomResizedCrop training makes objects look larger than a center crop at test time does; testing at a higher
+resolution undoes that, once the model is adapted to the new statistics. As the paper does for EfficientNet:
+fine-tune at the test resolution on training images with *test-time* preprocessing (resize + center crop, flip),
+training only the classifier and re-estimating the last BatchNorm; everything else stays frozen.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from effnet import models
+from effnet.config import Params
+from effnet.data import transforms
+from effnet.data.stream import ShardDataModule
+from effnet.train import Classifier, fit
+
+TRAINABLE = ["classifier", "bn2"]  # timm EfficientNet: the head and the BatchNorm right before pooling
+
+
+def fixres_size(params: Params, train_size: int) -> int:
+    return params.fixres.img_size or round(train_size * params.fixres.scale)
+
+
+def run(params: Params, variant_key: str, shards: Path, trained: Path, out: Path) -> Path:
+    cfg = params.fixres
+    model, spec = models.load_bundle(trained)
+    train_size, size = spec.img_size, fixres_size(params, spec.img_size)
+    spec = spec.model_copy(update={"img_size": size})
+    dc = spec.model_dump(include={"img_size", "crop_pct", "interpolation", "mean", "std"})
+    model.bn2.reset_running_stats()  # re-estimate from scratch: momentum None is the exact mean over the batches
+    model.bn2.momentum = None
+    dm = ShardDataModule(shards, transforms.fixres_transform(dc), transforms.eval_transform(dc), cfg.batch_size,
+                         params.data.num_workers, params.data.shuffle_buffer, cfg.seed)
+    module = Classifier(model, len(spec.classes), dict(opt="momentum", lr=cfg.lr, momentum=cfg.momentum,
+                                                       weight_decay=0.0),
+                        schedule=None, label_smoothing=0.0, trainable=TRAINABLE + cfg.unfreeze)
+    train_cfg = params.train.model_copy(update={"seed": cfg.seed})
+    fit(module, dm, train_cfg, cfg.epochs, params.mlflow.experiment, f"fixres@{variant_key}",
+        {**cfg.model_dump(), "img_size": size, "train_img_size": train_size, "trainable": TRAINABLE + cfg.unfreeze})
+    models.save_bundle(model, spec, out)
+    return Path(out)
