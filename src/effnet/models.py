@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from functools import cache
 from pathlib import Path
 
 import timm
 import torch
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
+from timm.models._efficientnet_builder import _init_weight_goog
 from timm.models.efficientnet import _gen_efficientnet
 from torch import nn
 
@@ -45,21 +47,41 @@ def build(variant: variants.Variant, num_classes: int, drop_rate: float | None =
           drop_path_rate: float | None = None, bn_momentum: float | None = None, pretrained: bool = False) -> nn.Module:
     """A timm TF-EfficientNet for `variant`: TF BatchNorm eps, 'same' padding, the recipe's dropout and drop-path.
 
-    bn_momentum is in TF terms (0.99 -> PyTorch 0.01), as the card gives it.
+    bn_momentum is in TF terms (0.99 -> PyTorch 0.01), as the card gives it. The model carries the pretrained
+    config (mean/std) of the timm checkpoint the card's row describes (`variant.arch`, name.tag).
     """
     kwargs = dict(
         num_classes=num_classes,
         drop_rate=variant.dropout if drop_rate is None else drop_rate,
         drop_path_rate=variant.drop_path_rate if drop_path_rate is None else drop_path_rate,
-        bn_momentum=1.0 - (variant.recipe.bn_momentum if bn_momentum is None else bn_momentum),
+        # TF's moving-average decay -> PyTorch momentum (rounded: 1 - 0.99 is 0.010000000000000009 in floats)
+        bn_momentum=round(1.0 - (variant.recipe.bn_momentum if bn_momentum is None else bn_momentum), 9),
+        bn_eps=TF_BN_EPS,
+        pad_type="same",
     )
     if variant.phi is None:
         return timm.create_model(variant.arch, pretrained=pretrained, **kwargs)
     if pretrained:
         raise EffnetError(f"{variant.name}: no pretrained weights exist for a compound-scaled variant")
     # The card's compound scaling through timm's own EfficientNet generator (what tf_efficientnet_b0 calls).
-    return _gen_efficientnet(variant.arch, channel_multiplier=variant.width, depth_multiplier=variant.depth,
-                             bn_eps=TF_BN_EPS, pad_type="same", **kwargs)
+    arch, _, tag = variant.arch.partition(".")
+    return _gen_efficientnet(arch, channel_multiplier=variant.width, depth_multiplier=variant.depth,
+                             pretrained_cfg=tag or None, **kwargs)
+
+
+def measure(variant: variants.Variant, num_classes: int = 1000, img_size: int | None = None) -> dict:
+    """Parameters and multiply-adds of the built model at `img_size` (default: the variant's), counted on the
+    meta device: no memory, no compute, so even L2 is cheap. GMACs are FlopCounterMode's FLOPs / 2 (it counts
+    a multiply-add as 2): convolutions and the classifier, the way the paper counts B0's 0.39 B. (The card's
+    FLOPs figures run ~1.27x these: B0 0.489, B7 48 against 0.386 and 37.7.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+    size = img_size or variant.img_size
+    with torch.device("meta"):
+        model = build(variant, num_classes).eval()
+        x = torch.empty(1, 3, size, size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return dict(params=sum(p.numel() for p in model.parameters()), gmacs=counter.get_total_flops() / 2 / 1e9)
 
 
 def data_config(model: nn.Module, variant: variants.Variant, img_size: int | None = None) -> dict:
@@ -69,28 +91,79 @@ def data_config(model: nn.Module, variant: variants.Variant, img_size: int | Non
                 interpolation=variant.interpolation, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
 
+HEAD_PREFIX = "classifier."
+
+
+def _body_shapes(state: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+
+
+@cache
+def _card_body_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
+    """Every card variant's tensor names and shapes, classifier left out (built on the meta device: cheap)."""
+    out = {}
+    for name, v in variants.table().items():
+        with torch.device("meta"):
+            out[name] = _body_shapes(build(v, num_classes=1).state_dict())
+    return out
+
+
+def apparent_variant(state: dict) -> str | None:
+    """The card variant whose architecture a state dict fits (any classifier size), or None."""
+    shapes = _body_shapes(state)
+    return next((name for name, own in _card_body_shapes().items() if own == shapes), None)
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only: safetensors, or a .pth/.pt/.bin read with weights_only=True (a {'state_dict': ...} or
+    {'model': ...} checkpoint is unwrapped, a DataParallel 'module.' prefix dropped)."""
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unreadable, or a pickle that is more than weights
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EffnetError(f"cannot read weights file {path} (weights only): {why}") from e
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EffnetError(f"weights file {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def load_weights(model: nn.Module, path: str | Path, variant_name: str) -> None:
-    """Load a local safetensors or .pth state dict (weights only). A classifier of another size is re-initialised."""
+    """Load a local safetensors or .pth state dict (weights only). A classifier of another size is re-initialised.
+
+    Weights of another architecture fail with one line naming the file, what the file looks like, and the variant.
+    """
     path = Path(path)
     if not path.is_file():
         raise EffnetError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = _read_state(path)
     own = model.state_dict()
-    head = {k for k in state if k.startswith("classifier.")}
-    if any(k in own and own[k].shape != state[k].shape for k in head):
-        log.warning("%s: classifier has %s classes, data has %s: re-initialising the classifier",
-                    path.name, state["classifier.weight"].shape[0], own["classifier.weight"].shape[0])
-        state = {k: v for k, v in state.items() if k not in head}
-    body_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing, unexpected = set(own) - set(state) - head, set(state) - set(own)
-    if body_mismatch or missing or unexpected:
-        raise EffnetError(f"weights file {path} does not fit variant {variant_name} "
-                          f"({len(body_mismatch)} mismatched, {len(missing)} missing, {len(unexpected)} unexpected tensors)")
-    model.load_state_dict(state, strict=False)
+    theirs, ours = _body_shapes(state), _body_shapes(own)
+    if theirs != ours:
+        mismatched = sum(1 for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
+        missing, unexpected = len(ours.keys() - theirs.keys()), len(theirs.keys() - ours.keys())
+        looks = apparent_variant(state)
+        what = f"{looks} weights" if looks else "weights of none of the card's variants"
+        raise EffnetError(f"weights file {path} holds {what}, not {variant_name} "
+                          f"({mismatched} mismatched, {missing} missing, {unexpected} unexpected tensors)")
+    head = {k: tuple(v.shape) for k, v in own.items() if k.startswith(HEAD_PREFIX)}
+    if {k: tuple(state[k].shape) for k in head if k in state} != head:
+        file_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else "no"
+        log.warning("%s: classifier has %s classes, the data has %s: re-initialising the classifier",
+                    path.name, file_classes, own["classifier.weight"].shape[0])
+        state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+        _init_weight_goog(model.get_classifier())  # timm's (and TF's) initialisation of a fresh classifier
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - set(head) or unexpected:
+        raise EffnetError(f"weights file {path} does not fit {variant_name}: "
+                          f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
 
 
 def save_bundle(model: nn.Module, spec: ModelSpec, out: Path) -> None:

@@ -7,6 +7,7 @@ phi = 0 is B0's architecture, negative phi gives the tiny models the demo and th
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 
@@ -45,7 +46,7 @@ class Variant(BaseModel):
     dropout: float
     recipe: Recipe
     interpolation: str = "bicubic"
-    timm_name: str | None = None  # timm architecture (with tag where the card's ID is not timm's name)
+    timm_name: str | None = None  # timm name.tag of the checkpoint the card's row describes
     phi: float | None = None  # set for compound-scaled variants built from B0's architecture
     params_m: float | None = None
     flops_g: float | None = None
@@ -82,7 +83,7 @@ def compound(phi: float) -> Variant:
     b0 = table()["tf_efficientnet_b0"]
     return Variant(
         name=f"tf_efficientnet_phi{phi:g}",
-        timm_name="tf_efficientnet_b0",
+        timm_name=b0.arch,  # B0's timm architecture (and pretrained config: mean/std), scaled below
         phi=phi,
         width=round(BETA**phi, 6),
         depth=round(ALPHA**phi, 6),
@@ -107,20 +108,55 @@ def resolve(model: str | None = None, phi: float | None = None) -> Variant:
     return table()[model]
 
 
+def records(phis: Sequence[float] = (), measure_flops: bool = False) -> list[dict]:
+    """The card's rows, then the compound-scaled variant for each phi, as plain dicts.
+
+    params/flops are the card's figures (millions of parameters, GFLOPs as the card counts them); compound
+    rows, which the card lacks, get the built model's parameter count instead. measure_flops adds
+    `flops_measured` (GMACs, multiply-adds of the model built at its img_size) and `params_measured` (millions).
+    """
+    rows = list(table().values()) + [compound(phi) for phi in phis]
+    out = []
+    for v in rows:
+        r = {"name": v.name, "phi": v.phi, "params": v.params_m, "flops": v.flops_g, "img_size": v.img_size,
+             "crop_pct": v.crop_pct, "interpolation": v.interpolation, "width": v.width, "depth": v.depth,
+             "dropout": v.dropout, "top1": v.top1, "top5": v.top5, "timm": v.arch}
+        if measure_flops or v.phi is not None:
+            from effnet import models  # torch and timm: only when something is built
+            m = models.measure(v)
+            if v.phi is not None:
+                r["params"] = round(m["params"] / 1e6, 2)
+            if measure_flops:
+                r["params_measured"] = round(m["params"] / 1e6, 2)
+                r["flops_measured"] = round(m["gmacs"], 3)
+        out.append(r)
+    return out
+
+
 def show(phis: list[float], as_json: bool = False, measure_flops: bool = False) -> None:
     """Print the card table (and any compound-scaled variants) with rich, or as JSON."""
-    rows = list(table().values()) + [compound(phi) for phi in phis]
-    records = [{"name": v.name, "params": v.params_m, "flops": v.flops_g, "img_size": v.img_size,
-                "crop_pct": v.crop_pct, "interpolation": v.interpolation, "width": v.width, "depth": v.depth,
-                "dropout": v.dropout, "top1": v.top1, "top5": v.top5} for v in rows]
+    rows = records(phis, measure_flops)
     if as_json:
-        print(json.dumps(records, indent=2))
+        print(json.dumps(rows, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
-    t = Table(title="TF-EfficientNet variants (model card)")
-    for col in records[0]:
-        t.add_column(col)
-    for r in records:
-        t.add_row(*("" if v is None else str(v) for v in r.values()))
-    Console().print(t)
+    columns = {"name": "variant", "img_size": "img", "crop_pct": "crop", "interpolation": "interp", "width": "width",
+               "depth": "depth", "dropout": "drop", "params": "params M", "params_measured": "built M",
+               "flops": "GFLOPs", "flops_measured": "built GMACs", "top1": "top1", "top5": "top5"}
+    columns = {k: h for k, h in columns.items() if k in rows[0]}
+    title = "TF-EfficientNet variants (model card; tf_efficientnet_ omitted)"
+    if measure_flops:
+        title += "; built: the model built at img, GMACs = multiply-adds"
+    cells = [["" if r[k] is None else f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in columns]
+             for r in ({**r, "name": r["name"].removeprefix("tf_efficientnet_")} for r in rows)]
+    t = Table(title=title)
+    for key, header in columns.items():
+        t.add_column(header, justify="left" if key in ("name", "interpolation") else "right", no_wrap=True)
+    for row in cells:
+        t.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # piped: as wide as the table needs, not the 80 columns rich assumes
+        need = sum(max(len(h), *(len(row[i]) for row in cells)) + 3 for i, h in enumerate(columns.values())) + 1
+        console = Console(width=max(console.width, need))
+    console.print(t)
