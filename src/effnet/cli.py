@@ -27,9 +27,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="write the procedural demo ImageFolder")
     p.add_argument("out", type=Path)
     _common(p)
-    p = sub.add_parser("shard", help="ImageFolder -> webdataset shards + manifest")
+    p = sub.add_parser("shard", help="ImageFolder or CSV/TSV list -> webdataset shards + manifest")
     p.add_argument("src", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("out", help="output folder or fsspec URL (s3://, gs://, file://, memory://)")
     _common(p)
     p = sub.add_parser("train", help="train a variant on the shards")
     p.add_argument("shards", type=Path)
@@ -82,7 +82,8 @@ def dispatch(args: argparse.Namespace) -> object:
         return demo.run(params.demo_data, args.out)
     if args.command == "shard":
         from effnet.data import shard
-        return shard.run(params.shard, args.src, args.out)["splits"]
+        manifest = shard.run(params.shard, args.src, args.out)
+        return {split: m["total"] for split, m in manifest["splits"].items()} | {"rejected": len(manifest["rejects"])}
     if args.command == "train":
         from effnet import train
         return train.run(params, args.variant, args.shards, args.out)

@@ -47,11 +47,18 @@ class DemoDataConfig(Section):
 
 class ShardConfig(Section):
     samples_per_shard: int = Field(default=1000, ge=1)
+    shard_bytes: int | None = Field(default=None, ge=1)  # also cap each shard's size in bytes; None: count only
     seed: int = 0  # order of samples across shards
+    max_side: int | None = Field(default=None, ge=16)  # None: keep JPEG bytes; else shrink larger images to it
+    quality: int = Field(default=95, ge=1, le=100)  # JPEG quality of re-encoded images
+    min_side: int = Field(default=8, ge=1)  # smaller images are rejected (1x1 pixels, icons)
+    max_pixels: int = Field(default=89_478_485, ge=1)  # larger images are rejected as decompression bombs (PIL's)
+    max_bad_fraction: float = Field(default=0.01, ge=0, le=1)  # more rejects (rounded up to files) fail the stage
+    workers: int | None = Field(default=None, ge=1)  # processes; None: all cores (does not change the output)
 
 
 class DataConfig(Section):
-    source: str = "data/demo"  # an ImageFolder with train/ and val/; the demo-data stage writes the default
+    source: str = "data/demo"  # an ImageFolder with train/ and val/ or a CSV/TSV of path,label[,split]
     num_workers: int = Field(default=2, ge=0)
     shuffle_buffer: int = Field(default=1000, ge=0)
 
@@ -67,6 +74,7 @@ class TrainConfig(Section):
     opt: str = "rmsproptf"
     weight_decay: float | None = Field(default=None, ge=0)  # None: the card's
     label_smoothing: float | None = Field(default=None, ge=0, lt=1)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (Inception/TF default)
     auto_augment: str | None = "original"  # timm policy string: 'original' (the card's), 'rand-m9-mstd0.5', None
     drop_rate: float | None = Field(default=None, ge=0, lt=1)  # None: the variant's dropout
     drop_path_rate: float | None = Field(default=None, ge=0, lt=1)  # None: 1 - the card's survival prob

@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import logging
-import math
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_info
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -82,6 +83,24 @@ class Classifier(pl.LightningModule):
         scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimizer updates
 
 
+class EpochSummary(pl.Callback):
+    """Throughput to MLflow (train/img_per_s) and one line per epoch, which logs keep when there is no terminal
+    for the progress bar."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start, self.seen = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += len(batch[1]) * trainer.world_size
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        rate = self.seen / (time.perf_counter() - self.start)
+        pl_module.log("train/img_per_s", rate)
+        shown = {k: f"{v.item():.4g}" for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/top1")}
+        rank_zero_info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
+                       + " ".join(f"{k} {v}" for k, v in shown.items()) + f" ({rate:.0f} img/s)")
+
+
 def precision_for(cfg: TrainConfig) -> str:
     if cfg.precision:
         return cfg.precision
@@ -99,7 +118,7 @@ def fit(module: Classifier, dm: ShardDataModule, cfg: TrainConfig, epochs: int, 
                           artifact_location=None, tags={"stage": run_name.split("@")[0]})
     tracking.experiment(experiment)  # creates it with the workspace artifact location before Lightning does
     logger.log_hyperparams(params)
-    callbacks = [LearningRateMonitor(logging_interval="step")]
+    callbacks = [LearningRateMonitor(logging_interval="step"), EpochSummary()]
     if cfg.progress_bar:
         callbacks.append(RichProgressBar())
     trainer = pl.Trainer(
@@ -121,8 +140,13 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
     model = models.build(variant, len(classes), cfg.drop_rate, cfg.drop_path_rate, cfg.bn_momentum, cfg.pretrained)
     if cfg.pretrained_file:
         models.load_weights(model, cfg.pretrained_file, variant.name)
+    elif not cfg.pretrained:
+        # TF's head init, uniform(+-1/sqrt(classes)), is scaled for 1000 classes; with few classes it starts
+        # far above chance loss and stalls training from scratch. A small normal init starts at chance.
+        nn.init.normal_(model.get_classifier().weight, std=0.01)
+        nn.init.zeros_(model.get_classifier().bias)
     dc = models.data_config(model, variant, cfg.img_size)
-    dm = ShardDataModule(shards, transforms.train_transform(dc, cfg.auto_augment), transforms.eval_transform(dc),
+    dm = ShardDataModule(shards, transforms.train_transform(dc, cfg.auto_augment, cfg.crop_scale), transforms.eval_transform(dc),
                          cfg.batch_size, params.data.num_workers, params.data.shuffle_buffer, cfg.seed)
     devices = cfg.devices if isinstance(cfg.devices, int) else 1
     global_batch = cfg.batch_size * devices * cfg.num_nodes

@@ -1,13 +1,17 @@
-"""Preprocessing, all through timm: train = RandomResizedCrop + flip + AutoAugment; eval = resize by crop pct +
-center crop (what timm's resolve_data_config + create_transform give for the model); FixRes = eval + flip."""
+"""Preprocessing, all through timm: train = RandomResizedCrop + flip + AutoAugment or RandAugment; eval = resize by
+crop pct + center crop (what timm's resolve_data_config + create_transform give for the model); FixRes = eval + flip."""
 from __future__ import annotations
 
 from timm.data import create_transform
 from torchvision import transforms as T
 
 
-def train_transform(dc: dict, auto_augment: str | None):
-    return create_transform(dc["img_size"], is_training=True, auto_augment=auto_augment,
+RAND_AUGMENT = "rand-m9-mstd0.5"  # timm's policy string for the RandAugment of its EfficientNet recipes
+
+
+def train_transform(dc: dict, auto_augment: str | None, crop_scale: tuple[float, float] = (0.08, 1.0)):
+    """auto_augment: a timm policy string: 'original' (AutoAugment, the card's), RAND_AUGMENT or any 'rand-...'."""
+    return create_transform(dc["img_size"], is_training=True, auto_augment=auto_augment, scale=crop_scale,
                             interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
 
 

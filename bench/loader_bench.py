@@ -1,0 +1,68 @@
+"""Training-loader throughput per worker core (decode + RandomResizedCrop 224 + flip + AutoAugment 'original'):
+our shards (copy mode, max_side mode, reduced-size JPEG decoding) beside timm's create_loader over the same images
+as an ImageFolder. One process, num_workers=0, so img/s is per worker core.
+
+    nice -n 19 .venv/bin/python bench/loader_bench.py --images 256
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import make_image_folder  # noqa: E402
+
+from timm.data import create_dataset, create_loader  # noqa: E402
+
+from effnet.config import ShardConfig  # noqa: E402
+from effnet.data import shard, stream, transforms  # noqa: E402
+
+DC = dict(img_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def rate(loader, n: int) -> float:
+    seen, t = 0, None
+    for i, (x, _) in enumerate(loader):
+        if i == 1:  # the first batch pays for start-up
+            seen, t = 0, time.perf_counter()
+        seen += len(x)
+        if t and seen >= n:
+            break
+    return seen / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max-side", type=int, default=320)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = make_image_folder(tmp / "src", args.images, val=10)
+        shard.run(ShardConfig(samples_per_shard=1000), src, tmp / "copy")
+        shard.run(ShardConfig(samples_per_shard=1000, max_side=args.max_side, quality=90), src, tmp / "side")
+        n = args.images - args.batch  # timed images, after the first batch
+        timm_loader = create_loader(create_dataset("", root=str(src / "train")), input_size=(3, 224, 224),
+                                    batch_size=args.batch, is_training=True, auto_augment="original",
+                                    interpolation="bicubic", num_workers=0, use_prefetcher=False)
+        tf = transforms.train_transform(DC, "original")
+        rows = [("timm create_loader, ImageFolder", rate(timm_loader, n))]
+        for name, where, draft in [("shards, copy", "copy", None), ("shards, copy + draft decode", "copy", 224),
+                                   (f"shards, max_side {args.max_side}", "side", None)]:
+            loader = stream.train_loader(tmp / where, tf, args.batch, 0, 64, draft=draft)
+            rows.append((name, rate(loader, n)))
+        print(f"{args.images} images ~500x375, batch {args.batch}, 1 worker core, RRC 224 + flip + AutoAugment")
+        print(f"{'loader':36} {'img/s':>7} {'vs timm':>8}")
+        for name, r in rows:
+            print(f"{name:36} {r:7.1f} {r / rows[0][1]:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

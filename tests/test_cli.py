@@ -1,0 +1,43 @@
+"""Bad input stops a stage before any work with one line naming the culprit, and no traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, write_tiny_params
+
+
+def effnet(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "effnet", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--set", "train.epochs=many"], "train.epochs"),
+    (["--set", "train.epochs_typo=3"], "train.epochs_typo"),
+    (["--set", "variants.tiny.model=tf_efficientnet_b99"], "variants.tiny"),
+    (["--set", "variants.tiny.phi=-4", "--set", "variants.tiny.model=tf_efficientnet_b0"], "variants.tiny"),
+    (["--params", "missing.yaml"], "missing.yaml"),
+])
+def test_bad_params_fail_in_one_line_naming_the_key(tmp_path, args, culprit):
+    write_tiny_params(tmp_path / "params.yaml")
+    result = effnet("train", "shards", "out", "--variant", "tiny", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and culprit in lines[0] and lines[0].startswith("effnet: error:"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_variant_key_and_missing_data_name_the_culprit(tmp_path):
+    write_tiny_params(tmp_path / "params.yaml")
+    result = effnet("train", "shards", "out", "--variant", "nope", cwd=tmp_path)
+    assert result.returncode == 2 and "variants.nope" in result.stderr and "Traceback" not in result.stderr
+    result = effnet("shard", "no/such/folder", "out", cwd=tmp_path)
+    assert result.returncode == 2 and "no/such/folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_repo_params_yaml_is_valid():
+    from effnet import config
+    params = config.load(REPO / "params.yaml")
+    assert params.variants and all(params.variant(k) for k in params.variants)

@@ -1,0 +1,158 @@
+"""Each stage on tiny data, through its real components (timm, webdataset, Lightning, MLflow's sqlite store)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from effnet import evaluate, fixres, models, register, train
+from effnet.data import demo, shard, stream, transforms
+from effnet.errors import EffnetError
+
+
+def digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_demo_data_is_an_image_folder_and_deterministic(tiny_params, demo_dir, tmp_path):
+    cfg = tiny_params.demo_data
+    for split, n in [("train", cfg.train_per_class), ("val", cfg.val_per_class)]:
+        folders = sorted(p.name for p in (demo_dir / split).iterdir())
+        assert folders == sorted(demo.CLASSES[: cfg.classes])
+        assert all(len(list((demo_dir / split / c).glob("*.jpg"))) == n for c in folders)
+    again = demo.run(cfg, tmp_path / "again")
+    assert again == {"train": cfg.classes * cfg.train_per_class, "val": cfg.classes * cfg.val_per_class}
+    assert digest(tmp_path / "again") == digest(demo_dir)
+
+
+def test_shard_manifest_counts_every_sample_and_is_byte_identical(tiny_params, demo_dir, shards_dir, tmp_path):
+    manifest = shard.read_manifest(shards_dir)
+    assert manifest["classes"] == sorted(demo.CLASSES[: tiny_params.demo_data.classes])
+    for split in shard.SPLITS:
+        images = list((demo_dir / split).rglob("*.jpg"))
+        entry = manifest["splits"][split]
+        assert entry["total"] == len(images) == sum(s["samples"] for s in entry["shards"])
+        in_tars = sum(len([m for m in tarfile.open(shards_dir / s["name"]).getnames() if m.endswith(".jpg")])
+                      for s in entry["shards"])
+        assert in_tars == entry["total"]
+    shard.run(tiny_params.shard, demo_dir, tmp_path / "again")
+    assert digest(tmp_path / "again") == digest(shards_dir)
+
+
+def test_shard_skips_undecodable_files_and_lists_them(tiny_params, demo_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(demo_dir, src)
+    victim = next((src / "train").rglob("*.jpg"))
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    (src / "train" / victim.parent.name / "empty.jpg").write_bytes(b"")
+    manifest = shard.run(tiny_params.shard, src, tmp_path / "out")
+    rejected = {r["path"] for r in manifest["rejects"]}
+    assert rejected == {victim.relative_to(src).as_posix(), f"train/{victim.parent.name}/empty.jpg"}
+    n_files = len(list((src / "train").rglob("*.jpg")))
+    assert manifest["splits"]["train"]["total"] + len(rejected) == n_files
+
+
+def test_shard_missing_folder_names_the_path(tiny_params, tmp_path):
+    with pytest.raises(EffnetError, match=str(tmp_path / "nope")):
+        shard.run(tiny_params.shard, tmp_path / "nope", tmp_path / "out")
+
+
+def test_eval_loader_sees_each_val_sample_once_and_train_epoch_length_comes_from_manifest(shards_dir):
+    dc = dict(img_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    keys = [k for _, _, batch_keys in stream.eval_loader(shards_dir, transforms.eval_transform(dc), 7, 0)
+            for k in batch_keys]
+    total = shard.read_manifest(shards_dir)["splits"]["val"]["total"]
+    assert len(keys) == len(set(keys)) == total
+    loader = stream.train_loader(shards_dir, transforms.train_transform(dc, "original"), 8, 0, 16)
+    batches = list(loader)
+    expected = shard.read_manifest(shards_dir)["splits"]["train"]["total"] // 8
+    assert len(batches) == len(loader) == expected
+    assert batches[0][0].shape == (8, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def trained_chain(tmp_path_factory, tiny_params, shards_dir):
+    """train -> fixres -> evaluate -> register once, in one workspace (its own MLflow store)."""
+    ws = tmp_path_factory.mktemp("chain")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(ws)
+    trained = train.run(tiny_params, "tiny", shards_dir, ws / "models/tiny/trained")
+    tuned = fixres.run(tiny_params, "tiny", shards_dir, trained, ws / "models/tiny/fixres")
+    metrics = evaluate.run(tiny_params, "tiny", shards_dir, {"trained": trained, "fixres": tuned},
+                           ws / "metrics/tiny.json")
+    record = register.run(tiny_params, "tiny", tuned, ws / "metrics/tiny.json", ws / "models/tiny/registered.json")
+    yield dict(ws=ws, trained=trained, fixres=tuned, metrics=metrics, record=record)
+    mp.undo()
+
+
+def test_train_writes_a_loadable_bundle_and_logs_to_mlflow(trained_chain, tiny_params):
+    model, spec = models.load_bundle(trained_chain["trained"])
+    assert spec.img_size == tiny_params.train.img_size and spec.phi == -6
+    assert model.get_classifier().out_features == len(spec.classes) == tiny_params.demo_data.classes
+    mlflow.set_tracking_uri(f"sqlite:///{trained_chain['ws'] / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["effnet"], filter_string="tags.mlflow.runName = 'train@tiny'")
+    assert len(runs) == 1
+    assert float(runs.iloc[0]["params.lr_scaled"]) == tiny_params.train.lr
+    assert "metrics.train/loss" in runs.columns and not np.isnan(runs.iloc[0]["metrics.train/loss"])
+
+
+def test_fixres_changes_only_classifier_and_last_batchnorm(trained_chain, tiny_params):
+    before = load_file(str(trained_chain["trained"] / "model.safetensors"))
+    after = load_file(str(trained_chain["fixres"] / "model.safetensors"))
+    changed = {k.split(".")[0] for k in before if not (before[k] == after[k]).all()}
+    assert changed == {"classifier", "bn2"}
+    _, spec = models.load_bundle(trained_chain["fixres"])
+    assert spec.img_size == round(tiny_params.train.img_size * tiny_params.fixres.scale)
+
+
+def test_evaluate_reports_both_models_at_both_resolutions(trained_chain):
+    sizes = {models.load_bundle(trained_chain[k])[1].img_size for k in ("trained", "fixres")}
+    metrics = trained_chain["metrics"]
+    assert json.loads((trained_chain["ws"] / "metrics/tiny.json").read_text()) == metrics
+    for label in ("trained", "fixres"):
+        assert set(metrics[label]) == {f"res{s}" for s in sizes}
+        for m in metrics[label].values():
+            assert 0 <= m["top1"] <= m["top5"] <= 100
+
+
+def test_registered_model_loads_by_alias_and_predicts(trained_chain, demo_dir):
+    mlflow.set_tracking_uri(f"sqlite:///{trained_chain['ws'] / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/tiny@champion")
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((demo_dir / "val").rglob("*.jpg"))[:3]])
+    probs = model.predict(images)
+    assert isinstance(probs, pd.DataFrame)
+    _, spec = models.load_bundle(trained_chain["fixres"])
+    assert list(probs.columns) == spec.classes and len(probs) == 3
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    version = mlflow.MlflowClient().get_model_version_by_alias("tiny", "champion")
+    assert str(version.version) == trained_chain["record"]["version"]
+    assert version.tags["measured_top1"] == str(trained_chain["metrics"]["fixres"][f"res{spec.img_size}"]["top1"])
+    assert version.tags["recipe.lr"] == "0.256" and version.tags["crop_pct"] == "0.875"
+
+
+def test_a_worse_version_stays_challenger(trained_chain, tiny_params, tmp_path):
+    ws = trained_chain["ws"]
+    worse = json.loads((ws / "metrics/tiny.json").read_text())
+    for m in worse["fixres"].values():
+        m["top1"] = -1.0
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    mp = pytest.MonkeyPatch()
+    mp.chdir(ws)
+    try:
+        record = register.run(tiny_params, "tiny", trained_chain["fixres"], tmp_path / "worse.json",
+                              tmp_path / "registered.json")
+    finally:
+        mp.undo()
+    assert record["promoted"] is False
+    client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("tiny", "challenger").version) == record["version"]
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == trained_chain["record"]["version"]

@@ -1,0 +1,47 @@
+"""Streaming under DDP: 2 CPU processes (torch.multiprocessing + gloo), as Lightning's ddp_spawn runs them."""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from effnet.config import ShardConfig
+from effnet.data import shard, stream, transforms
+
+DC = dict(img_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _rank(rank: int, shards: str, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    try:
+        keys = [k for _, _, ks in stream.eval_loader(shards, transforms.eval_transform(DC), 5, 0) for k in ks]
+        train = stream.train_loader(shards, transforms.train_transform(DC, transforms.RAND_AUGMENT), 4, 0, 8,
+                                    world_size=2)
+        batches = [len(y) for _, y in train]
+        with open(f"{tmp}/rank{rank}.json", "w") as f:
+            json.dump({"keys": keys, "batches": batches}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_see_each_val_sample_once_and_equal_train_batches(demo_dir, tmp_path):
+    shards = tmp_path / "shards"
+    manifest = shard.run(ShardConfig(samples_per_shard=5, workers=1), demo_dir, shards)
+    assert len(manifest["splits"]["val"]["shards"]) >= 2
+    mp.spawn(_rank, args=(str(shards), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = ranks[0]["keys"] + ranks[1]["keys"]
+    assert ranks[0]["keys"] and ranks[1]["keys"]
+    assert len(seen) == len(set(seen)) == manifest["splits"]["val"]["total"]
+    steps = manifest["splits"]["train"]["total"] // (4 * 2)
+    assert ranks[0]["batches"] == ranks[1]["batches"] == [4] * steps
+
+
+def test_rand_augment_and_draft_decode(shards_dir):
+    tf = transforms.train_transform(DC, transforms.RAND_AUGMENT)
+    assert "RandAugment" in repr(tf)
+    x, y = next(iter(stream.train_loader(shards_dir, tf, 4, 0, 8, draft=16)))
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
