@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 UI_PORT ?= 5000
 
-.PHONY: install demo ui test test-all lock clean
+.PHONY: install demo ui serve test test-all lock clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: install  ## the whole pipeline on the demo data, through the Prefect flow
 
 ui: install  ## MLflow UI over the workspace's store
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+serve: install  ## the flow as a deployment on a cron schedule (CRON=..., NAME=...); trigger: prefect deployment run 'effnet-pipeline/nightly'
+	$(PY) flows/serve.py --name $(or $(NAME),nightly) --cron "$(or $(CRON),0 2 * * *)"
 
 test: install  ## fast suite (what CI runs)
 	$(PY) -m pytest

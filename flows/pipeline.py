@@ -2,10 +2,20 @@
 
 The flow computes nothing itself: each task is `dvc repro --single-item <stage>` in the workspace, so DVC
 decides what is stale, records dvc.lock, and leaves the workspace exactly as `dvc repro` would (after a flow run,
-`dvc status` is clean). Prefect adds scheduling, retries and logs.
+`dvc status` is clean). Prefect adds scheduling (flows/serve.py, prefect.yaml), retries, logs and a concurrency
+limit: one flow run at a time per workspace (DVC's repository lock would fail a second one mid-way instead).
+
+Overrides (`section.key=value`, as `effnet --set` takes them) are written into the workspace's params.yaml before
+any stage runs, comments kept, the way `dvc exp run -S` applies them: params.yaml stays the one source of truth,
+DVC sees the change and re-runs what depends on it, and `git diff params.yaml` shows what the run used.
+(`dvc repro` itself takes no overrides; `dvc exp run -S` would also make one DVC experiment per stage.)
+
+Every stage's MLflow run is tagged `effnet.pipeline_run=<flow run id>` ($EFFNET_PIPELINE_RUN): one flow run
+reads as one unit in the MLflow UI.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +23,7 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.concurrency.sync import concurrency
 
 from effnet import config
 
@@ -21,11 +32,17 @@ VARIANT_STAGES = ["train", "fixres", "evaluate", "register"]
 
 
 def stage_env() -> dict[str, str]:
-    """The stages' `effnet` command lives beside this interpreter; DVC and MLflow stay offline."""
+    """The stages' `effnet` command lives beside this interpreter; DVC and MLflow stay offline; stages tag their
+    MLflow runs with this flow run."""
+    from prefect.runtime import flow_run
+
     env = os.environ.copy()
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if flow_run.id:
+        env["EFFNET_PIPELINE_RUN"] = str(flow_run.id)
+        env["EFFNET_PIPELINE_RUN_NAME"] = str(flow_run.name)
     return env
 
 
@@ -41,18 +58,61 @@ def repro(target: str, workspace: str) -> None:
         raise RuntimeError(f"dvc repro {target} failed with exit status {proc.returncode}")
 
 
+def apply_overrides(params_file: Path, overrides: list[str]) -> None:
+    """Write `section.key=value` overrides into params.yaml, keeping its comments and order (validated first)."""
+    if not overrides:
+        return
+    from ruamel.yaml import YAML
+
+    config.load(params_file, overrides)  # a bad key or value fails here, before the file changes
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(params_file.read_text())
+    for assignment in overrides:
+        config._override(doc, assignment)
+    tmp = params_file.with_name(params_file.name + ".tmp")
+    with tmp.open("w") as f:
+        rt.dump(doc, f)
+    os.replace(tmp, params_file)
+
+
+def workspace_limit(workspace: str) -> str:
+    """The name of the global concurrency limit (1 slot) that serialises flow runs on WORKSPACE; created if new."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    real = os.path.realpath(workspace)
+    name = f"effnet-workspace-{hashlib.sha256(real.encode()).hexdigest()[:12]}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    return name
+
+
 @flow(name="effnet-pipeline")
-def pipeline(workspace: str = ".", variants: list[str] | None = None) -> dict:
-    """Shard the data, then train, FixRes-tune, evaluate and register each variant; returns the metrics."""
-    params = config.load(Path(workspace) / "params.yaml")
+def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides: list[str] | None = None) -> dict:
+    """Shard the data, then train, FixRes-tune, evaluate and register each variant; returns the metrics.
+
+    variants: keys of `variants:` in params.yaml (default: all). overrides: `section.key=value` written into
+    params.yaml first (e.g. `train.epochs=3`)."""
+    log = get_run_logger()
+    params_file = Path(workspace) / "params.yaml"
+    params = config.load(params_file, overrides or [])  # bad override or params: fail before any work
     keys = variants or list(params.variants)
     for key in keys:
         params.variant(key)  # unknown variant: fail before any work
-    for stage in SHARED_STAGES:
-        repro(stage, workspace)
-    for key in keys:
-        for stage in VARIANT_STAGES:
-            repro(f"{stage}@{key}", workspace)
+    limit = workspace_limit(workspace)
+    log.info("waiting for the workspace (concurrency limit %s)", limit)
+    with concurrency(limit, occupy=1, strict=True):
+        apply_overrides(params_file, overrides or [])
+        for stage in SHARED_STAGES:
+            repro(stage, workspace)
+        for key in keys:
+            for stage in VARIANT_STAGES:
+                repro(f"{stage}@{key}", workspace)
     return {key: json.loads((Path(workspace) / "metrics" / f"{key}.json").read_text()) for key in keys}
 
 

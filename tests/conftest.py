@@ -39,6 +39,14 @@ def write_tiny_params(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _own_mlflow_store():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: keep one test's store from catching the next's runs."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_params(tmp_path_factory):
     from effnet import config

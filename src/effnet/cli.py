@@ -32,16 +32,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder or fsspec URL (s3://, gs://, file://, memory://)")
     _common(p)
     p = sub.add_parser("train", help="train a variant on the shards")
-    p.add_argument("shards", type=Path)
+    p.add_argument("shards", help="shards folder or fsspec URL")
     p.add_argument("out", type=Path, help="model bundle folder to write")
     _common(p, variant=True)
     p = sub.add_parser("fixres", help="FixRes fine-tune a trained bundle at a larger resolution")
-    p.add_argument("shards", type=Path)
+    p.add_argument("shards", help="shards folder or fsspec URL")
     p.add_argument("trained", type=Path)
     p.add_argument("out", type=Path)
     _common(p, variant=True)
     p = sub.add_parser("evaluate", help="top-1/top-5 of model bundles at each one's resolution")
-    p.add_argument("shards", type=Path)
+    p.add_argument("shards", help="shards folder or fsspec URL")
     p.add_argument("bundles", nargs="+", metavar="LABEL=BUNDLE", help="e.g. trained=models/x/trained")
     p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
     _common(p, variant=True)
@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("metrics", type=Path)
     p.add_argument("out", type=Path, help="registration record (JSON) to write")
+    p.add_argument("--shards", help="shards folder/URL: the val data fingerprint promotion compares on")
+    p.add_argument("--trained", type=Path, help="the trained bundle: its resolution is tagged")
     _common(p, variant=True)
     p = sub.add_parser("variants", help="the model card as a table")
     p.add_argument("--json", action="store_true", help="print a JSON list instead")
@@ -95,7 +97,8 @@ def dispatch(args: argparse.Namespace) -> object:
         return evaluate.run(params, args.variant, args.shards, _labelled(args.bundles), args.out)
     if args.command == "register":
         from effnet import register
-        return register.run(params, args.variant, args.bundle, args.metrics, args.out)
+        return register.run(params, args.variant, args.bundle, args.metrics, args.out, shards=args.shards,
+                            trained=args.trained)
     raise AssertionError(args.command)
 
 

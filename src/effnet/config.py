@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from effnet import variants
 from effnet.errors import EffnetError
@@ -88,6 +88,10 @@ class TrainConfig(Section):
     precision: str | None = None  # None: bf16-mixed on GPU, 32 on CPU
     seed: int = 0
     progress_bar: bool = True
+    ema_decay: float | None = Field(default=0.9999, gt=0, lt=1)  # EMA of the weights (validated, exported); None: off
+    checkpoint_every_n_steps: int | None = Field(default=1000, ge=1)  # plus one at each epoch end; None: epochs only
+    checkpoint_dir: str = ".effnet/checkpoints"  # outside the DVC out (DVC deletes outs before a stage runs)
+    resume: bool = True  # continue from the variant's last checkpoint (and its MLflow run) if one is there
 
 
 class FixResConfig(Section):
@@ -103,12 +107,18 @@ class FixResConfig(Section):
 
 class EvaluateConfig(Section):
     batch_size: int = Field(default=128, ge=1)
+    # Resolutions swept for the accuracy-vs-resolution plot, as multiples of the smallest model's resolution
+    # (every model's own resolution is always included).
+    sweep: list[PositiveFloat] = Field(default=[0.75, 0.875, 1.0, 1.15, 1.25, 1.5], min_length=1)
 
 
 class RegistryConfig(Section):
     alias: str = "champion"  # moved to a new version only when it beats the current one by `margin`
     challenger_alias: str = "challenger"
     margin: float = Field(default=0.0, ge=0)  # top-1 points
+    # A champion measured on other val data (another fingerprint) is not comparable: False keeps it and leaves
+    # the new version challenger (the decision says why); True promotes the new version.
+    promote_on_new_data: bool = False
 
 
 class MlflowConfig(Section):

@@ -4,17 +4,22 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -25,16 +30,24 @@ from effnet.data.stream import ShardDataModule
 from effnet.errors import EffnetError
 
 log = logging.getLogger(__name__)
+# The EMA copy is in eval mode on purpose (it is only ever run for validation); so are FixRes's frozen layers.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # run.json is ours
 
 
 class Classifier(pl.LightningModule):
     """Cross-entropy training of `model`. With `trainable` set, only those submodules learn and run in train
-    mode (BatchNorm statistics update); the rest stays frozen in eval mode."""
+    mode (BatchNorm statistics update); the rest stays frozen in eval mode. With `ema_decay`, an exponential
+    moving average of the weights (timm's ModelEmaV3, decay warmed up from 0) follows every optimizer step and is
+    the model validated (`eval_model`); it is a submodule, so checkpoints carry it."""
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: dict, schedule: dict | None,
-                 label_smoothing: float, trainable: list[str] | None = None):
+                 label_smoothing: float, trainable: list[str] | None = None, ema_decay: float | None = None):
         super().__init__()
         self.model, self.optimizer, self.schedule, self.trainable = model, optimizer, schedule, trainable
+        self.ema = None if ema_decay is None else ModelEmaV3(model, decay=ema_decay, use_warmup=True)
+        if self.ema is not None:
+            self.ema.requires_grad_(False)  # updated by lerp, never by the optimizer (nor DDP's gradient sync)
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
@@ -44,6 +57,11 @@ class Classifier(pl.LightningModule):
             for name in trainable:
                 for p in model.get_submodule(name).parameters():
                     p.requires_grad_(True)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model to validate and export: the EMA when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
     def on_train_epoch_start(self) -> None:
         if self.trainable is not None:  # Lightning put everything in train mode: re-freeze
@@ -62,9 +80,13 @@ class Classifier(pl.LightningModule):
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=False)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:  # global_step has just counted this optimizer step: it drives the warm-up
+            self.ema.update(self.model, step=self.global_step)
+
     def validation_step(self, batch, _):
         x, y, _keys = batch
-        logits = self.model(x)
+        logits = self.eval_model(x)
         self.val_top1(logits, y)
         self.log("val/loss", self.loss(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
         self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True, batch_size=len(y))
@@ -90,6 +112,8 @@ class EpochSummary(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.start, self.seen = time.perf_counter(), 0
 
+    on_train_start = on_train_epoch_start  # a resume mid-epoch starts there, without an epoch start
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seen += len(batch[1]) * trainer.world_size
 
@@ -110,24 +134,86 @@ def precision_for(cfg: TrainConfig) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
+LAST = "last.ckpt"
+RUN_FILE = "run.json"  # beside the checkpoint: the MLflow run it belongs to and the params it was made with
+
+
+def fingerprint(params: dict, manifest: dict) -> str:
+    """What a checkpoint is only valid for: the logged params and the data. Any change starts afresh."""
+    blob = json.dumps({"params": params, "manifest": manifest}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@rank_zero_only
+def prepare_checkpoints(folder: Path, fp: str, resume: bool) -> str | None:
+    """The MLflow run_id to continue when FOLDER holds a resumable checkpoint made with the same fingerprint;
+    otherwise empty FOLDER (a stale or unwanted checkpoint) and return None."""
+    meta = folder / RUN_FILE
+    if resume and (folder / LAST).is_file() and meta.is_file():
+        saved = json.loads(meta.read_text())
+        if saved.get("fingerprint") == fp:
+            return saved["run_id"]
+        log.warning("%s: made with other params or data: starting afresh", folder / LAST)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+@rank_zero_only
+def write_run_file(folder: Path, run_id: str, fp: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps({"run_id": run_id, "fingerprint": fp}))
+    tmp.replace(folder / RUN_FILE)
+
+
+def checkpoint_callbacks(folder: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
+    """One `last.ckpt`, rewritten at each epoch end and every N optimizer steps. Lightning writes a local
+    checkpoint inside an fsspec transaction (a temp file renamed into place on commit), so a kill -9 leaves the
+    previous checkpoint or the new one, never a torn file."""
+    kw = dict(dirpath=folder, filename=LAST.removesuffix(".ckpt"), save_top_k=1, enable_version_counter=False)
+    callbacks = [ModelCheckpoint(every_n_epochs=1, **kw)]  # at validation end: the epoch's val metrics included
+    if every_n_steps:
+        callbacks.append(ModelCheckpoint(every_n_train_steps=every_n_steps, every_n_epochs=0, **kw))
+    return callbacks
+
+
 def fit(module: Classifier, dm: ShardDataModule, cfg: TrainConfig, epochs: int, experiment: str, run_name: str,
-        params: dict) -> MLFlowLogger:
-    """Run a Lightning Trainer with MLflow logging; returns the logger (its run_id names the MLflow run)."""
+        params: dict, checkpoints: Path | None = None) -> MLFlowLogger:
+    """Run a Lightning Trainer with MLflow logging; returns the logger (its run_id names the MLflow run).
+
+    With CHECKPOINTS (a folder), save `last.ckpt` there as `checkpoint_callbacks` says and, with `cfg.resume`,
+    continue from it and its MLflow run when it was made with the same params and data."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    fp = fingerprint(params, dm.manifest)
+    run_id = prepare_checkpoints(Path(checkpoints), fp, cfg.resume) if checkpoints else None
+    stage, _, variant_key = run_name.partition("@")
     logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=tracking.tracking_uri(),
-                          artifact_location=None, tags={"stage": run_name.split("@")[0]})
+                          artifact_location=None, run_id=run_id,
+                          tags={"stage": stage, **tracking.run_tags(variant_key, params, stage)})
     tracking.experiment(experiment)  # creates it with the workspace artifact location before Lightning does
-    logger.log_hyperparams(params)
+    logger.log_hyperparams(params)  # on resume: the same values again, which MLflow accepts
     callbacks = [LearningRateMonitor(logging_interval="step"), EpochSummary()]
     if cfg.progress_bar:
         callbacks.append(RichProgressBar())
+    ckpt_path = None
+    if checkpoints:
+        write_run_file(Path(checkpoints), logger.run_id, fp)
+        callbacks += checkpoint_callbacks(Path(checkpoints), cfg.checkpoint_every_n_steps)
+        last = Path(checkpoints) / LAST
+        ckpt_path = str(last) if last.is_file() else None  # DDP ranks > 0 see what rank 0 left
+        if ckpt_path:
+            rank_zero_info(f"resuming from {last} (MLflow run {run_id})")
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, precision=precision_for(cfg), logger=logger, callbacks=callbacks,
-        enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, log_every_n_steps=1,
+        enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar, log_every_n_steps=1,
         enable_model_summary=False, default_root_dir=".lightning",
     )
-    trainer.fit(module, datamodule=dm)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except EffnetError as e:  # NaN loss: the checkpoint folder stays, holding the last checkpoint saved before it
+        kept = Path(checkpoints) / LAST if checkpoints else None
+        raise EffnetError(f"{e}; last good checkpoint kept: {kept}" if kept and kept.is_file() else str(e)) from None
     return logger
 
 
@@ -158,11 +244,13 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
     schedule = dict(sched="step", decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
                     warmup_epochs=cfg.warmup_epochs, warmup_lr=lr * 0.01)
     smoothing = recipe.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
-    module = Classifier(model, len(classes), optimizer, schedule, smoothing)
+    module = Classifier(model, len(classes), optimizer, schedule, smoothing, ema_decay=cfg.ema_decay)
+    checkpoints = Path(cfg.checkpoint_dir) / variant_key
     fit(module, dm, cfg, cfg.epochs, params.mlflow.experiment, f"train@{variant_key}",
         {**cfg.model_dump(), "variant": variant.name, "lr_scaled": lr, "global_batch": global_batch,
-         "img_size": dc["img_size"], "num_classes": len(classes)})
+         "img_size": dc["img_size"], "num_classes": len(classes)}, checkpoints=checkpoints)
     spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
                             phi=variant.phi, classes=classes, **dc)
-    models.save_bundle(model, spec, out)
+    models.save_bundle(module.eval_model, spec, out)  # the EMA weights when there is an EMA
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle is safe: nothing left to resume
     return Path(out)
