@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from tests.conftest import REPO, git_workspace
+from tests.conftest import REPO, free_port, git_workspace, stop
 
 
 
@@ -37,12 +35,6 @@ def test_overrides_are_validated_then_written_into_params_yaml_keeping_comments(
     assert loaded.train.epochs == 3 and loaded.fixres.scale == 1.5 and loaded.train.img_size == 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get_json(url: str):
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
@@ -61,17 +53,6 @@ def wait_for(what: str, check, timeout: float, proc=None, log=None):
             pass
         time.sleep(2)
     pytest.fail(f"timed out waiting for {what}\n{log.read_text()[-3000:] if log else ''}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group it leads (started with start_new_session): it and what it started."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.mark.slow
