@@ -61,6 +61,9 @@ class DataConfig(Section):
     source: str = "data/demo"  # an ImageFolder with train/ and val/ or a CSV/TSV of path,label[,split]
     num_workers: int = Field(default=2, ge=0)
     shuffle_buffer: int = Field(default=1000, ge=0)
+    # cpu: workers decode and augment (portable). gpu: workers read JPEG bytes only; the CUDA device decodes them
+    # in batches (nvjpeg) and crops, flips, auto-augments and normalises them; without CUDA: one warning, cpu.
+    decode: Literal["cpu", "gpu"] = "cpu"
 
 
 class TrainConfig(Section):
@@ -86,6 +89,8 @@ class TrainConfig(Section):
     num_nodes: int = Field(default=1, ge=1)
     strategy: str = "auto"
     precision: str | None = None  # None: bf16-mixed on GPU, 32 on CPU
+    channels_last: bool | Literal["auto"] = "auto"  # model and batches in NHWC; auto: on CUDA only
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the trained model's forward; auto: on CUDA only
     seed: int = 0
     progress_bar: bool = True
     ema_decay: float | None = Field(default=0.9999, gt=0, lt=1)  # EMA of the weights (validated, exported); None: off

@@ -221,7 +221,8 @@ def run(params: Params, variant_key: str, bundle: Path, metrics_file: Path, out:
         _write(out, record)
         return record
 
-    run_tags = tracking.run_tags(variant_key, params, "register") | {"stage": "register", "variant": variant_key}
+    run_tags = (tracking.run_tags(variant_key, params, "register", experiment_id=experiment_id)
+                | {"stage": "register", "variant": variant_key})
     size = models.measure(variant, num_classes=len(spec.classes), img_size=spec.img_size)
     card = variant.card_tags()
     train_size = train_resolution(metrics, spec.img_size, trained)

@@ -6,17 +6,29 @@ artifacts in `mlartifacts/` beside it. Experiment: one per pipeline (`mlflow.exp
 Grouping: every stage's run carries `run_tags(...)`: `effnet.pipeline_run` (from $EFFNET_PIPELINE_RUN, which the
 Prefect flow sets to its flow run id, so one flow run reads as one unit: filter the experiment's runs on
 `tags.effnet.pipeline_run = '<id>'`), the git commit, the `dvc.lock` hash of the shards, and a hash of the
-resolved params.
+resolved params. Given the experiment id as well, a stage's run under a pipeline run is also nested (the tag
+`mlflow.parentRunId`) under one parent run per pipeline run, `pipeline <name>`, which the first stage creates:
+the UI shows the pipeline run as one expandable row.
+
+System metrics: importing this module turns on MLflow's system metrics (`system/*`: CPU, memory, disk, network,
+and GPU when `nvidia-ml-py` is installed), sampled every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by
+default; a run shorter than one interval gets none). `mlflow.start_run` honours the switch by itself; a run made
+through the client (Lightning's MLFlowLogger) needs `system_metrics(run_id)` around its work. Set
+MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false to turn it off.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline by design
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")  # every stage's run: system/* metrics
 
 import mlflow  # noqa: E402
 
@@ -43,6 +55,35 @@ def experiment(name: str) -> str:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent stage
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def system_metrics_enabled() -> bool:
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+    return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
+
+
+@contextmanager
+def system_metrics(run_id: str | None, resume: bool = False) -> Iterator[None]:
+    """Log `system/*` metrics to RUN_ID while the block runs, for a run not started by `mlflow.start_run` (which
+    does this itself): Lightning's MLFlowLogger creates its run through the client. RESUME continues the step
+    count of a resumed run. No-op when RUN_ID is None (pass None on DDP ranks other than 0: one process logs)
+    or when system metrics are turned off; a monitor that fails to start only warns."""
+    if not run_id or not system_metrics_enabled():
+        yield
+        return
+    monitor = None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri())
+        monitor.start()
+    except Exception as e:  # noqa: BLE001 - monitoring must never stop a stage (psutil missing, store down)
+        logging.getLogger(__name__).warning("system metrics not logged: %s", e)
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def git_commit(workspace: Path | None = None) -> str | None:
@@ -80,15 +121,34 @@ def params_hash(params) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def pipeline_parent(experiment_id: str, pipeline_run: str, name: str | None = None) -> str:
+    """The id of the parent run of pipeline run PIPELINE_RUN in EXPERIMENT_ID, created (FINISHED) if new. Its end
+    time moves to each stage's start, so it spans the stages (stages of one workspace run one at a time)."""
+    from mlflow.entities import RunStatus
+    client = mlflow.MlflowClient(tracking_uri())
+    query = f"tags.`effnet.pipeline_run` = '{pipeline_run}' and tags.`effnet.stage` = 'pipeline'"
+    found = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        tags = {"effnet.pipeline_run": pipeline_run, "effnet.stage": "pipeline",
+                **({"effnet.pipeline_run_name": name} if name else {})}
+        run_id = client.create_run(experiment_id, tags=tags, run_name=f"pipeline {name or pipeline_run}").info.run_id
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run_id
+
+
 def run_tags(variant: str | None = None, params=None, stage: str | None = None,
-             workspace: Path | None = None) -> dict[str, str]:
+             workspace: Path | None = None, experiment_id: str | None = None) -> dict[str, str]:
     """Tags for a stage's MLflow run: pass them to `mlflow.start_run(tags=...)` or `MLFlowLogger(tags=...)`.
 
-    Only keys with a value are returned (no pipeline run outside a flow, no commit outside git, ...).
+    Only keys with a value are returned (no pipeline run outside a flow, no commit outside git, ...). With
+    EXPERIMENT_ID (the run's) under a pipeline run, `mlflow.parentRunId` nests the run under `pipeline_parent`.
     """
     commit = git_commit(workspace)
+    pipeline_run = os.environ.get(PIPELINE_RUN_ENV)
     tags = {
-        "effnet.pipeline_run": os.environ.get(PIPELINE_RUN_ENV),
+        "effnet.pipeline_run": pipeline_run,
         "effnet.pipeline_run_name": os.environ.get(PIPELINE_RUN_NAME_ENV),
         "effnet.stage": stage,
         "effnet.variant": variant,
@@ -97,4 +157,7 @@ def run_tags(variant: str | None = None, params=None, stage: str | None = None,
         "effnet.data_hash": dvc_data_hash(workspace),
         "effnet.params_hash": params_hash(params) if params is not None else None,
     }
+    if pipeline_run and experiment_id:
+        tags["mlflow.parentRunId"] = pipeline_parent(experiment_id, pipeline_run,
+                                                     os.environ.get(PIPELINE_RUN_NAME_ENV))
     return {k: v for k, v in tags.items() if v}

@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from effnet import models, tracking
 from effnet.config import Params, TrainConfig
-from effnet.data import transforms
+from effnet.data import gpu, transforms
 from effnet.data.stream import ShardDataModule
 from effnet.errors import EffnetError
 
@@ -130,8 +130,12 @@ def precision_for(cfg: TrainConfig) -> str:
         return cfg.precision
     if cfg.accelerator == "tpu":
         return "bf16-true"  # XLA: bf16-mixed is not supported
-    gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu else "32-true"
+    return "bf16-mixed" if gpu.cuda_usable(cfg.accelerator) else "32-true"
+
+
+def on_for(setting: bool | str, cfg: TrainConfig) -> bool:
+    """A `true | false | auto` train setting; auto: on where the Trainer runs on CUDA."""
+    return gpu.cuda_usable(cfg.accelerator) if setting == "auto" else bool(setting)
 
 
 LAST = "last.ckpt"
@@ -187,10 +191,11 @@ def fit(module: Classifier, dm: ShardDataModule, cfg: TrainConfig, epochs: int, 
     fp = fingerprint(params, dm.manifest)
     run_id = prepare_checkpoints(Path(checkpoints), fp, cfg.resume) if checkpoints else None
     stage, _, variant_key = run_name.partition("@")
+    experiment_id = tracking.experiment(experiment)  # created with the workspace artifact location, not Lightning's
+    parent = experiment_id if rank_zero_only.rank == 0 else None  # only rank 0 may create the pipeline's parent run
     logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=tracking.tracking_uri(),
                           artifact_location=None, run_id=run_id,
-                          tags={"stage": stage, **tracking.run_tags(variant_key, params, stage)})
-    tracking.experiment(experiment)  # creates it with the workspace artifact location before Lightning does
+                          tags={"stage": stage, **tracking.run_tags(variant_key, params, stage, experiment_id=parent)})
     logger.log_hyperparams(params)  # on resume: the same values again, which MLflow accepts
     callbacks = [LearningRateMonitor(logging_interval="step"), EpochSummary()]
     if cfg.progress_bar:
@@ -209,8 +214,9 @@ def fit(module: Classifier, dm: ShardDataModule, cfg: TrainConfig, epochs: int, 
         enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar, log_every_n_steps=1,
         enable_model_summary=False, default_root_dir=".lightning",
     )
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    try:  # MLFlowLogger creates its run through the client, which starts no system metrics monitor by itself
+        with tracking.system_metrics(logger.run_id if trainer.is_global_zero else None, resume=run_id is not None):
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except EffnetError as e:  # NaN loss: the checkpoint folder stays, holding the last checkpoint saved before it
         kept = Path(checkpoints) / LAST if checkpoints else None
         raise EffnetError(f"{e}; last good checkpoint kept: {kept}" if kept and kept.is_file() else str(e)) from None
@@ -232,8 +238,15 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
         nn.init.normal_(model.get_classifier().weight, std=0.01)
         nn.init.zeros_(model.get_classifier().bias)
     dc = models.data_config(model, variant, cfg.img_size)
+    channels_last = on_for(cfg.channels_last, cfg)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    decode = gpu.resolve_decode(params.data.decode, cfg.accelerator)
+    gpu_pre = gpu.GpuPreprocess(dc, cfg.auto_augment, cfg.crop_scale, channels_last=channels_last) \
+        if decode == "gpu" else None
     dm = ShardDataModule(shards, transforms.train_transform(dc, cfg.auto_augment, cfg.crop_scale), transforms.eval_transform(dc),
-                         cfg.batch_size, params.data.num_workers, params.data.shuffle_buffer, cfg.seed)
+                         cfg.batch_size, params.data.num_workers, params.data.shuffle_buffer, cfg.seed,
+                         decode=decode, gpu=gpu_pre, channels_last=channels_last)
     devices = cfg.devices if isinstance(cfg.devices, int) else 1
     global_batch = cfg.batch_size * devices * cfg.num_nodes
     lr = cfg.lr or recipe.lr * global_batch / recipe.batch_size  # linear scaling rule from the card's batch
@@ -245,10 +258,13 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
                     warmup_epochs=cfg.warmup_epochs, warmup_lr=lr * 0.01)
     smoothing = recipe.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
     module = Classifier(model, len(classes), optimizer, schedule, smoothing, ema_decay=cfg.ema_decay)
+    if on_for(cfg.compile, cfg):
+        # In place, after the EMA copied the model: forward is compiled, state_dict keys stay as they are.
+        module.model.compile()
     checkpoints = Path(cfg.checkpoint_dir) / variant_key
     fit(module, dm, cfg, cfg.epochs, params.mlflow.experiment, f"train@{variant_key}",
         {**cfg.model_dump(), "variant": variant.name, "lr_scaled": lr, "global_batch": global_batch,
-         "img_size": dc["img_size"], "num_classes": len(classes)}, checkpoints=checkpoints)
+         "img_size": dc["img_size"], "num_classes": len(classes), "decode": decode}, checkpoints=checkpoints)
     spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
                             phi=variant.phi, classes=classes, **dc)
     models.save_bundle(module.eval_model, spec, out)  # the EMA weights when there is an EMA

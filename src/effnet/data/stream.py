@@ -4,6 +4,9 @@ Training streams resampled shards (every rank and worker draws shards independen
 epoch length from the manifest, so all DDP ranks run the same number of steps. Evaluation reads each val shard
 once, split by node and worker, so that every sample is seen exactly once across ranks. Shards may live in a local
 folder, at an fsspec URL (s3://, gs://, memory://...) or behind a `pipe:` command with `{name}` in it.
+
+With `transform=None` the loaders yield the JPEG bytes undecoded (`gpu.collate_jpeg`: flat bytes, byte counts,
+labels[, keys]); `ShardDataModule(decode="gpu")` decodes and augments those on the device (`effnet.data.gpu`).
 """
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ from urllib.parse import urlparse
 
 import fsspec
 import pytorch_lightning as pl
+import torch
 import webdataset as wds
 from PIL import Image
 
+from effnet.data.gpu import GpuPreprocess, collate_jpeg
 from effnet.data.shard import location, read_manifest
 
 # with_length() is only the epoch length Lightning shows and plans with; with_epoch() sets the real one.
@@ -60,34 +65,50 @@ def decode(sample: dict, draft: int | None = None) -> Image.Image:
 
 def train_loader(shards: str | Path, transform, batch_size: int, num_workers: int, shuffle_buffer: int,
                  world_size: int = 1, seed: int = 0, draft: int | None = None) -> wds.WebLoader:
+    """Batches of (images, labels); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`)."""
     total = read_manifest(shards)["splits"]["train"]["total"]
     steps = max(1, total // (batch_size * world_size))
     ds = (wds.WebDataset(shard_urls(shards, "train"), resampled=True, shardshuffle=False,
                          nodesplitter=wds.split_by_node, seed=seed)
           .shuffle(shuffle_buffer)
-          .to_tuple("jpg", "cls")
-          .map_tuple(lambda jpg: transform(decode({"jpg": jpg}, draft)), int)
-          .batched(batch_size, partial=False))
+          .to_tuple("jpg", "cls"))
+    if transform is None:
+        ds = ds.map_tuple(bytes, int).batched(batch_size, collation_fn=collate_jpeg, partial=False)
+    else:
+        ds = (ds.map_tuple(lambda jpg: transform(decode({"jpg": jpg}, draft)), int)
+              .batched(batch_size, partial=False))
     return wds.WebLoader(ds, batch_size=None, num_workers=num_workers,
                          persistent_workers=num_workers > 0).with_epoch(steps).with_length(steps)
 
 
 def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int, split: str = "val") -> wds.WebLoader:
+    """Batches of (images, labels, keys); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`)."""
     ds = (wds.WebDataset(shard_urls(shards, split), shardshuffle=False, nodesplitter=wds.split_by_node,
                          empty_check=False)
-          .to_tuple("jpg", "cls", "__key__")
-          .map_tuple(lambda jpg: transform(decode({"jpg": jpg})), int, str)
-          .batched(batch_size, partial=True))
+          .to_tuple("jpg", "cls", "__key__"))
+    if transform is None:
+        ds = ds.map_tuple(bytes, int, str).batched(batch_size, collation_fn=collate_jpeg, partial=True)
+    else:
+        ds = (ds.map_tuple(lambda jpg: transform(decode({"jpg": jpg})), int, str)
+              .batched(batch_size, partial=True))
     return wds.WebLoader(ds, batch_size=None, num_workers=num_workers)
 
 
 class ShardDataModule(pl.LightningDataModule):
+    """Train and val loaders over the shards. decode="cpu": workers decode and transform (train_tf, val_tf).
+    decode="gpu": workers only read the JPEG bytes; `gpu` (a `GpuPreprocess`) decodes and augments them on the
+    batch's device in `on_after_batch_transfer` (train_tf/val_tf unused). `channels_last` also converts the CPU
+    path's batches to channels_last once they are on a CUDA device."""
+
     def __init__(self, shards: str | Path, train_tf, val_tf, batch_size: int, num_workers: int, shuffle_buffer: int,
-                 seed: int = 0, draft: int | None = None):
+                 seed: int = 0, draft: int | None = None, decode: str = "cpu", gpu: GpuPreprocess | None = None,
+                 channels_last: bool = False):
         super().__init__()
+        if decode not in ("cpu", "gpu") or (decode == "gpu" and gpu is None):
+            raise ValueError(f"decode={decode!r}: expected 'cpu', or 'gpu' with a GpuPreprocess")
         self.shards, self.train_tf, self.val_tf = _root(shards), train_tf, val_tf
         self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
-        self.draft = draft
+        self.draft, self.decode, self.gpu, self.channels_last = draft, decode, gpu, channels_last
         self.manifest = read_manifest(self.shards)
 
     @property
@@ -96,8 +117,27 @@ class ShardDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         world = self.trainer.world_size if self.trainer else 1
-        return train_loader(self.shards, self.train_tf, self.batch_size, self.num_workers, self.shuffle_buffer,
+        tf = None if self.decode == "gpu" else self.train_tf
+        return train_loader(self.shards, tf, self.batch_size, self.num_workers, self.shuffle_buffer,
                             world, self.seed, self.draft)
 
     def val_dataloader(self):
-        return eval_loader(self.shards, self.val_tf, self.batch_size, self.num_workers)
+        return eval_loader(self.shards, None if self.decode == "gpu" else self.val_tf, self.batch_size,
+                           self.num_workers)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if self.decode != "gpu":
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        flat, sizes, *rest = batch  # the JPEG bytes stay in host memory: nvjpeg reads them from there
+        return [flat, sizes, *super().transfer_batch_to_device(rest, device, dataloader_idx)]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.decode == "gpu":
+            flat, sizes, y, *rest = batch
+            training = self.trainer is not None and self.trainer.training
+            x = (self.gpu.train if training else self.gpu.eval)(flat, sizes, y.device)
+            return [x, y, *rest]
+        x = batch[0]
+        if self.channels_last and torch.is_tensor(x) and x.ndim == 4 and x.is_cuda:
+            return [x.contiguous(memory_format=torch.channels_last), *batch[1:]]
+        return batch
