@@ -7,6 +7,15 @@ import numpy as np
 from PIL import Image
 
 
+def print_rates(header: str, rows: list[tuple[str, float]], reference: str) -> None:
+    """A table of img/s with each row's ratio to the first one (the reference run measured in the same call)."""
+    width = max(len(name) for name, _ in rows) + 2
+    print(header)
+    print(f"{'':{width}} {'img/s':>9} {'vs ' + reference:>12}")
+    for name, rate in rows:
+        print(f"{name:{width}} {rate:9.1f} {rate / rows[0][1]:11.2f}x")
+
+
 def make_image_folder(root: Path, n: int, classes: int = 10, val: int = 0, size=(500, 375), seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for i in range(n + val):

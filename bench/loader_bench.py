@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import make_image_folder  # noqa: E402
+from common import make_image_folder, print_rates  # noqa: E402
 
 from timm.data import create_dataset, create_loader  # noqa: E402
 
@@ -58,10 +58,8 @@ def main() -> None:
                                    (f"shards, max_side {args.max_side}", "side", None)]:
             loader = stream.train_loader(tmp / where, tf, args.batch, 0, 64, draft=draft)
             rows.append((name, rate(loader, n)))
-        print(f"{args.images} images ~500x375, batch {args.batch}, 1 worker core, RRC 224 + flip + AutoAugment")
-        print(f"{'loader':36} {'img/s':>7} {'vs timm':>8}")
-        for name, r in rows:
-            print(f"{name:36} {r:7.1f} {r / rows[0][1]:7.2f}x")
+        print_rates(f"{args.images} images ~500x375, batch {args.batch}, 1 worker core, RRC 224 + flip + AutoAugment",
+                    rows, "timm")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import make_image_folder  # noqa: E402
+from common import make_image_folder, print_rates  # noqa: E402
 
 from effnet.config import ShardConfig  # noqa: E402
 from effnet.data import shard  # noqa: E402
@@ -41,10 +41,8 @@ def main() -> None:
         rows.append(("effnet shard, copy", timed(lambda: shard.run(cfg, src, tmp / "copy"))))
         side = cfg.model_copy(update={"max_side": args.max_side, "quality": 90})
         rows.append((f"effnet shard, max_side {args.max_side}", timed(lambda: shard.run(side, src, tmp / "side"))))
-        print(f"{n} images, {mb:.1f} MB, workers={cfg.workers or 'all cores'}")
-        print(f"{'mode':32} {'img/s':>9} {'vs tar':>8}")
-        for name, secs in rows:
-            print(f"{name:32} {n / secs:9.0f} {rows[0][1] / secs:8.2f}x")
+        print_rates(f"{n} images, {mb:.1f} MB, workers={cfg.workers or 'all cores'}",
+                    [(name, n / secs) for name, secs in rows], "tar")
 
 
 if __name__ == "__main__":

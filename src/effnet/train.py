@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from effnet import models, tracking
 from effnet.config import Params, TrainConfig
 from effnet.data import gpu, transforms
+from effnet.data.shard import read_manifest
 from effnet.data.stream import ShardDataModule
 from effnet.errors import EffnetError
 
@@ -227,8 +228,7 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
     """Train variant `variant_key` on SHARDS; write the model bundle to OUT."""
     cfg, variant = params.train, params.variant(variant_key)
     recipe = variant.recipe
-    dm_probe = ShardDataModule(shards, None, None, cfg.batch_size, params.data.num_workers, 0)
-    classes = dm_probe.classes
+    classes = read_manifest(shards)["classes"]
     model = models.build(variant, len(classes), cfg.drop_rate, cfg.drop_path_rate, cfg.bn_momentum, cfg.pretrained)
     if cfg.pretrained_file:
         models.load_weights(model, cfg.pretrained_file, variant.name)
