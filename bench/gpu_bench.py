@@ -10,10 +10,10 @@ channels_last, RMSpropTF, label smoothing 0.1):
   timm create_loader / + step      timm's loader (ImageFolder, AutoAugment 'original', bicubic, prefetcher) over the
                                    same images, alone and feeding the same compiled training step
   model inference eager / compiled
-  effnet eval loop, decode=cpu / gpu   stream.eval_loader (+ GpuPreprocess.eval) feeding the model
+  effnet eval, decode=cpu / gpu    the evaluate stage's `accuracy` (eager, bf16, channels_last, prefetch thread)
 
-Ratios are against the compiled model-only step (train rows) or compiled inference (eval rows), measured in the
-same call. Synthetic JPEGs: ~500x375, q90, ImageNet-like size (bench/common.py), a few hundred unique images
+Ratios are against the compiled model-only step (train rows) or eager inference (eval rows, eager as the
+evaluate stage runs), measured in the same call. Synthetic JPEGs: ~500x375, q90, ImageNet-like size (bench/common.py), a few hundred unique images
 repeated (decode work per sample is the same; disk caching is not what is measured).
 
     PYTHONPATH=src python bench/gpu_bench.py --out gpu_bench.json   # the full run, on a CUDA machine
@@ -23,6 +23,7 @@ repeated (decode work per sample is the same; disk caching is not what is measur
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -46,15 +47,18 @@ from timm.data import create_dataset, create_loader  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from torch import nn  # noqa: E402
 
-# The bench logs nothing: where MLflow is not installed (a bare GPU machine), stand in for effnet.tracking, which
-# effnet.train imports for its `fit`/`run` (not used here). Needed beyond torch/torchvision/timm/lightning:
-# webdataset and pydantic (`pip install webdataset pydantic`), and the project on the path (PYTHONPATH=src).
-try:
-    import mlflow  # noqa: E402,F401
-except ImportError:
-    sys.modules["effnet.tracking"] = types.ModuleType("effnet.tracking")
+# The bench logs nothing: where MLflow or pandas is not installed (a bare GPU machine), stand in for them and for
+# effnet.tracking, which effnet's stage modules import for their logging (not used here). Needed beyond
+# torch/torchvision/timm/lightning: webdataset and pydantic (`pip install webdataset pydantic`), and the project on
+# the path (PYTHONPATH=src).
+for logging_only in ("mlflow", "pandas"):  # imported by effnet's stage modules for their logging
+    try:
+        importlib.import_module(logging_only)
+    except ImportError:
+        sys.modules[logging_only] = types.ModuleType(logging_only)
+        sys.modules["effnet.tracking"] = types.ModuleType("effnet.tracking")
 
-from effnet import models, variants  # noqa: E402
+from effnet import evaluate, models, variants  # noqa: E402
 from effnet.config import ShardConfig  # noqa: E402
 from effnet.data import gpu, shard, stream, transforms  # noqa: E402
 from effnet.train import Classifier  # noqa: E402
@@ -164,13 +168,12 @@ class Bench:
         dc = models.data_config(model, variant, size)
         if self.cuda:
             model = model.to(memory_format=torch.channels_last)
-        pre = gpu.GpuPreprocess(dc, "original", (0.08, 1.0), channels_last=self.cuda) if decode == "gpu" else None
-        dm = stream.ShardDataModule(shards, transforms.train_transform(dc, "original"), transforms.eval_transform(dc),
-                                    b, self.args.workers, self.args.shuffle_buffer, decode=decode, gpu=pre,
-                                    channels_last=self.cuda)
-        module = Classifier(model, classes, dict(OPT), None, 0.1, ema_decay=0.9999)
-        if compiled:
-            module.model.compile()
+        feed = gpu.GpuPreprocess(dc, "original", (0.08, 1.0), channels_last=self.cuda) if decode == "gpu" \
+            else gpu.DeviceFeed(dc["mean"], dc["std"], channels_last=self.cuda)
+        dm = stream.ShardDataModule(shards, transforms.train_transform(dc, "original", uint8=True),
+                                    transforms.eval_transform(dc, uint8=True), b, self.args.workers,
+                                    self.args.shuffle_buffer, feed)
+        module = Classifier(model, classes, dict(OPT), None, 0.1, ema_decay=0.9999, compile=compiled)
         warm, steps = self.args.warmup, self.args.steps
         timing = {}
 
@@ -220,33 +223,32 @@ class Bench:
         return self.timm_loader(size, b, folder, self.train_step(model, compiled))
 
     # -- eval loop -----------------------------------------------------------------------------------------------
-    def effnet_eval(self, name, size, b, decode, shards, compiled):
+    def effnet_eval(self, name, size, b, decode, shards):
+        """The evaluate stage's own `accuracy` (device feed, prefetch thread, bf16, channels_last, eager), timed
+        from the end of its first batch (warm-up: the loader workers start) to its end."""
         classes = len(stream.read_manifest(shards)["classes"])
         variant = self.variant(name)
         model = self.model(name, classes).eval()
         dc = models.data_config(model, variant, size)
-        fwd = torch.compile(model) if compiled else model
-        pre = gpu.GpuPreprocess(dc, channels_last=self.cuda)
-        tf = transforms.eval_transform(dc) if decode == "cpu" else None
-        seen, t = 0, None
-        for i, batch in enumerate(stream.eval_loader(shards, tf, b, self.args.workers)):
-            if i == self.args.warmup:
+        feed = gpu.GpuPreprocess(dc, channels_last=self.cuda) if decode == "gpu" \
+            else gpu.DeviceFeed(dc["mean"], dc["std"], channels_last=self.cuda)
+        timing = {"seen": 0}
+        first_forward = model.forward
+
+        def forward(x):  # clock the batches after the first
+            out = first_forward(x)
+            if "t0" not in timing:
                 self.sync()
-                t = time.perf_counter()
-            if decode == "gpu":
-                x = pre.eval(batch[0], batch[1], self.device)
+                timing["t0"] = time.perf_counter()
             else:
-                x = batch[0].to(self.device, non_blocking=True)
-                if self.cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), self.autocast():
-                fwd(x)
-            if t is not None:
-                seen += x.shape[0]
+                timing["seen"] += x.shape[0]
+            return out
+        model.forward = forward
+        evaluate.accuracy(model, dc, shards, b, self.args.workers, feed=feed, device=self.device)
         self.sync()
-        if t is None:
-            raise RuntimeError("too few val batches for the warm-up")
-        return seen / (time.perf_counter() - t)
+        if not timing["seen"]:
+            raise RuntimeError("too few val batches: raise --unique-val or --repeat-val")
+        return timing["seen"] / (time.perf_counter() - timing["t0"])
 
 
 def make_data(root: Path, args) -> tuple[Path, Path]:
@@ -329,15 +331,14 @@ def main(argv=None) -> int:
                 c = not args.no_compile
                 bench.record(key, f"timm create_loader + step{' compiled' if c else ''}",
                              lambda: bench.timm_train(name, size, b, folder, c), b, ref=top)
-            itop = "model inference compiled" if not args.no_compile else "model inference eager"
             eb = b * 2  # inference batch: twice the training one
             for c in compiles if "infer" in rows else []:
                 bench.record(key, f"model inference {'compiled' if c else 'eager'}",
                              lambda: bench.model_infer(name, size, eb, c), eb)
-            for decode in ("cpu", "gpu") if "eval" in rows else []:
-                c = not args.no_compile
-                bench.record(key, f"effnet eval decode={decode}{' compiled' if c else ''}",
-                             lambda: bench.effnet_eval(name, size, eb, decode, shards, c), eb, ref=itop)
+            for decode in ("cpu", "gpu") if "eval" in rows else []:  # eager, as the evaluate stage runs
+                bench.record(key, f"effnet eval decode={decode}",
+                             lambda: bench.effnet_eval(name, size, eb, decode, shards), eb,
+                             ref="model inference eager")
     by = {(r["config"], r["what"]): r["img_s"] for r in bench.rows}
     for r in bench.rows:
         ref = by.get((r["config"], r["ref"])) if r["ref"] else None

@@ -25,7 +25,8 @@ TINY_OVERRIDES = {
     "demo_data": {"classes": 4, "train_per_class": 24, "val_per_class": 6, "image_size": 48, "seed": 0},
     "data": {"source": "data/demo", "num_workers": 0, "shuffle_buffer": 64},
     "shard": {"samples_per_shard": 32, "seed": 0},
-    "train": {"img_size": 32, "epochs": 1, "batch_size": 16, "lr": 0.02, "progress_bar": False},
+    "train": {"img_size": 32, "epochs": 1, "batch_size": 16, "lr": 0.02, "progress_bar": False,
+              "log_every_n_steps": 1},
     "fixres": {"epochs": 1, "batch_size": 16},
     "evaluate": {"batch_size": 32},
 }

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import mlflow
-import pytest
 import torch
 
 from effnet import evaluate, models

@@ -45,3 +45,44 @@ def test_rand_augment_and_draft_decode(shards_dir):
     assert "RandAugment" in repr(tf)
     x, y = next(iter(stream.train_loader(shards_dir, tf, 4, 0, 8, draft=16)))
     assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
+
+
+def _feed(batch, train, device):
+    if batch == "boom":
+        raise ValueError("bad batch")
+    return [torch.tensor(batch) * (10 if train else 1)]
+
+
+def test_device_prefetcher_keeps_order_and_length_and_raises_the_feeds_error():
+    loader = list(range(7))
+    pre = stream.DevicePrefetcher(loader, _feed, True, "cpu", depth=2)
+    assert len(pre) == 7
+    assert [int(x) for x, in pre] == [10 * i for i in range(7)]
+    assert [int(x) for x, in pre] == [10 * i for i in range(7)]  # every epoch starts afresh
+    failing = stream.DevicePrefetcher([1, "boom", 3], _feed, False, "cpu")
+    got = []
+    try:
+        for x, in failing:
+            got.append(int(x))
+    except ValueError as e:
+        assert "bad batch" in str(e) and got == [1]
+    else:
+        raise AssertionError("the feed's error was swallowed")
+
+
+def test_device_prefetcher_stops_its_thread_when_the_consumer_leaves():
+    import threading
+    pulled = []
+
+    def endless():
+        i = 0
+        while True:
+            pulled.append(i)
+            yield i
+            i += 1
+
+    it = iter(stream.DevicePrefetcher(endless(), _feed, True, "cpu", depth=2))
+    assert int(next(it)[0]) == 0
+    it.close()  # what dropping the iterator does
+    assert not [t for t in threading.enumerate() if t.name == "effnet-prefetch"]
+    assert len(pulled) <= 1 + 2 + 2  # it ran at most its depth ahead (plus the batch in its hands)

@@ -78,7 +78,9 @@ class TrainConfig(Section):
     weight_decay: float | None = Field(default=None, ge=0)  # None: the card's
     label_smoothing: float | None = Field(default=None, ge=0, lt=1)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (Inception/TF default)
-    auto_augment: str | None = "original"  # timm policy string: 'original' (the card's), 'rand-m9-mstd0.5', None
+    # timm policy string: 'original' (the card's), 'rand-m9-mstd0.5', 'augmix-...' (CPU path only), None
+    auto_augment: str | None = Field(default="original",
+                                     pattern=r"^(original|originalr|v0|v0r|3a)$|^(rand|augmix)(-[a-z]+[0-9.]*)*$")
     drop_rate: float | None = Field(default=None, ge=0, lt=1)  # None: the variant's dropout
     drop_path_rate: float | None = Field(default=None, ge=0, lt=1)  # None: 1 - the card's survival prob
     bn_momentum: float | None = Field(default=None, gt=0, lt=1)  # TF terms (0.99); None: the card's
@@ -93,6 +95,7 @@ class TrainConfig(Section):
     compile: bool | Literal["auto"] = "auto"  # torch.compile the trained model's forward; auto: on CUDA only
     seed: int = 0
     progress_bar: bool = True
+    log_every_n_steps: int = Field(default=50, ge=1)  # metrics to MLflow (and the NaN check: a host sync) this often
     ema_decay: float | None = Field(default=0.9999, gt=0, lt=1)  # EMA of the weights (validated, exported); None: off
     checkpoint_every_n_steps: int | None = Field(default=1000, ge=1)  # plus one at each epoch end; None: epochs only
     checkpoint_dir: str = ".effnet/checkpoints"  # outside the DVC out (DVC deletes outs before a stage runs)

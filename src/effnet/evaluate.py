@@ -8,7 +8,11 @@ in the MLflow run.
 The final model (`fixres`, else the last one given) at its own resolution also gets a confusion matrix and
 per-class precision/recall (torchmetrics): a DVC confusion plot (`plots/confusion/<variant>.json`, one
 {actual, predicted} row per val image), and in the MLflow run a PNG, the per-class table (`mlflow.log_table`
-JSON, shown as a table in the UI, and CSV), macro precision/recall metrics and the shard manifest."""
+JSON, shown as a table in the UI, and CSV), macro precision/recall metrics and the shard manifest.
+
+On CUDA the models run in bf16 autocast and channels_last, fed by the same device path as training
+(`data.decode`), eager: the sweep runs each model at many resolutions, where compiling each would cost more
+than it saves."""
 from __future__ import annotations
 
 import json
@@ -26,24 +30,34 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
 
 from effnet import models, tracking
 from effnet.config import Params
-from effnet.data import shard, transforms
-from effnet.data.stream import eval_loader
+from effnet.data import gpu, shard, transforms
+from effnet.data.stream import DevicePrefetcher, eval_loader
+from effnet.train import device_feed
 
 FINAL = "fixres"  # the label of the final model: the one the per-class figures are for (else the last one)
 
 
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, dc: dict, shards: Path, batch_size: int, num_workers: int,
-             extra: Sequence[Metric] = ()) -> dict[str, float]:
-    """Top-1 and top-5 (in %) of `model` over the val split at data config `dc`. EXTRA metrics (torchmetrics,
-    e.g. `ClassStats`) are updated with the same logits and labels in the same pass."""
+             extra: Sequence[Metric] = (), feed: gpu.DeviceFeed | None = None,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top-1 and top-5 (in %) of `model` over the val split at data config `dc`, on DEVICE, the batches finished
+    there by FEED (default: the CPU decode path's). EXTRA metrics (torchmetrics, e.g. `ClassStats`) are updated
+    with the same logits and labels in the same pass."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    feed = feed or gpu.DeviceFeed(dc["mean"], dc["std"], channels_last=cuda)
     n = model.get_classifier().out_features
     top1, top5 = MulticlassAccuracy(n, average="micro"), MulticlassAccuracy(n, top_k=min(5, n), average="micro")
-    model.eval()
-    for x, y, _ in eval_loader(shards, transforms.eval_transform(dc), batch_size, num_workers):
-        logits = model(x)
-        for metric in (top1, top5, *extra):
-            metric.update(logits, y)
+    metrics = [m.to(device) for m in (top1, top5, *extra)]
+    model.eval().to(device, memory_format=torch.channels_last if feed.channels_last else torch.preserve_format)
+    loader = eval_loader(shards, None if feed.decodes else transforms.eval_transform(dc, uint8=True), batch_size,
+                         num_workers, pin_memory=cuda)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        for x, y, _ in DevicePrefetcher(loader, feed, False, device):
+            logits = model(x).float()
+            for metric in metrics:
+                metric.update(logits, y)
     return {"top1": round(100 * top1.compute().item(), 4), "top5": round(100 * top5.compute().item(), 4)}
 
 
@@ -168,12 +182,16 @@ def run(params: Params, variant_key: str, shards: Path, bundles: dict[str, Path]
                                 **tracking.run_tags(variant_key, params, "evaluate", experiment_id=experiment_id)}):
         mlflow.log_params({"evaluate." + k: v for k, v in params.evaluate.model_dump().items()})
         sweep = {}
+        device = torch.device("cuda" if gpu.cuda_usable(params.train.accelerator) else "cpu")
+        decode = gpu.resolve_decode(params.data.decode, params.train.accelerator)  # warns once, not per size
+        params = params.model_copy(update={"data": params.data.model_copy(update={"decode": decode})})
         for label, (model, spec) in loaded.items():
             for size in sizes:
                 dc = spec.model_dump(include={"crop_pct", "interpolation", "mean", "std"}) | {"img_size": size}
                 extra = stats.metrics if (label, size) == (final, final_spec.img_size) else ()
-                sweep.setdefault(label, {})[size] = accuracy(model, dc, shards, params.evaluate.batch_size,
-                                                             params.data.num_workers, extra)
+                sweep.setdefault(label, {})[size] = accuracy(
+                    model, dc, shards, params.evaluate.batch_size, params.data.num_workers, extra,
+                    device_feed(params, dc, channels_last=device.type == "cuda"), device)
         metrics = {label: {f"res{size}": by_size[size] for size in sorted(own)} for label, by_size in sweep.items()}
         write_json(metrics, Path(out))
         rows = plot_rows(sweep)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from effnet import models
 from effnet.config import Params
 from effnet.data import transforms
 from effnet.data.stream import ShardDataModule
-from effnet.train import Classifier, fit
+from effnet.train import Classifier, device_feed, fit, on_for
 
 TRAINABLE = ["classifier", "bn2"]  # timm EfficientNet: the head and the BatchNorm right before pooling
 
@@ -30,11 +32,16 @@ def run(params: Params, variant_key: str, shards: Path, trained: Path, out: Path
     dc = spec.model_dump(include={"img_size", "crop_pct", "interpolation", "mean", "std"})
     model.bn2.reset_running_stats()  # re-estimate from scratch: momentum None is the exact mean over the batches
     model.bn2.momentum = None
-    dm = ShardDataModule(shards, transforms.fixres_transform(dc), transforms.eval_transform(dc), cfg.batch_size,
-                         params.data.num_workers, params.data.shuffle_buffer, cfg.seed)
+    channels_last = on_for(params.train.channels_last, params.train)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dm = ShardDataModule(shards, transforms.fixres_transform(dc, uint8=True), transforms.eval_transform(dc, uint8=True),
+                         cfg.batch_size, params.data.num_workers, params.data.shuffle_buffer,
+                         device_feed(params, dc, channels_last, augment=False), cfg.seed)
     module = Classifier(model, len(spec.classes), dict(opt="momentum", lr=cfg.lr, momentum=cfg.momentum,
                                                        weight_decay=0.0),
-                        schedule=None, label_smoothing=0.0, trainable=TRAINABLE + cfg.unfreeze)
+                        schedule=None, label_smoothing=0.0, trainable=TRAINABLE + cfg.unfreeze,
+                        compile=on_for(params.train.compile, params.train))
     train_cfg = params.train.model_copy(update={"seed": cfg.seed})
     fit(module, dm, train_cfg, cfg.epochs, params.mlflow.experiment, f"fixres@{variant_key}",
         {**cfg.model_dump(), "img_size": size, "train_img_size": train_size, "trainable": TRAINABLE + cfg.unfreeze})

@@ -40,15 +40,20 @@ class Classifier(pl.LightningModule):
     """Cross-entropy training of `model`. With `trainable` set, only those submodules learn and run in train
     mode (BatchNorm statistics update); the rest stays frozen in eval mode. With `ema_decay`, an exponential
     moving average of the weights (timm's ModelEmaV3, decay warmed up from 0) follows every optimizer step and is
-    the model validated (`eval_model`); it is a submodule, so checkpoints carry it."""
+    the model validated (`eval_model`); it is a submodule, so checkpoints carry it. With `compile`, the model's
+    forward is torch.compile'd in place (state_dict keys unchanged), after the EMA has copied it."""
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: dict, schedule: dict | None,
-                 label_smoothing: float, trainable: list[str] | None = None, ema_decay: float | None = None):
+                 label_smoothing: float, trainable: list[str] | None = None, ema_decay: float | None = None,
+                 compile: bool = False):
         super().__init__()
         self.model, self.optimizer, self.schedule, self.trainable = model, optimizer, schedule, trainable
         self.ema = None if ema_decay is None else ModelEmaV3(model, decay=ema_decay, use_warmup=True)
+        self.nonfinite: torch.Tensor | None = None  # on the device: did any loss since the last check overflow?
         if self.ema is not None:
             self.ema.requires_grad_(False)  # updated by lerp, never by the optimizer (nor DDP's gradient sync)
+        if compile:
+            model.compile()
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
@@ -74,12 +79,26 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self.model(x)
         loss = self.loss(logits, y)
-        if not torch.isfinite(loss):
-            raise EffnetError(f"loss is {loss.item()} at step {self.global_step}: stopping (lower the LR?)")
+        # Reading the loss on the host would stall the GPU every step: a non-finite loss is remembered on the
+        # device and checked when metrics are logged anyway, and before any checkpoint is written.
+        bad = ~torch.isfinite(loss.detach())
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.check_finite()
         self.train_top1(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=False)
         return loss
+
+    def check_finite(self) -> None:
+        if self.nonfinite is not None and bool(self.nonfinite):
+            raise EffnetError(f"loss is not finite (nan or inf) by step {self.global_step}: stopping (lower the LR?)")
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        self.check_finite()  # never save weights a non-finite loss has already updated
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:  # global_step has just counted this optimizer step: it drives the warm-up
@@ -104,6 +123,17 @@ class Classifier(pl.LightningModule):
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimizer updates
+
+
+class ProgressBar(RichProgressBar):
+    """Rich's bar, reading the logged metrics (a device sync) only at the logging interval, not every step."""
+
+    shown: dict | None = None
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        if self.shown is None or not trainer.training or trainer.global_step % trainer.log_every_n_steps == 0:
+            self.shown = super().get_metrics(trainer, pl_module)
+        return self.shown
 
 
 class EpochSummary(pl.Callback):
@@ -137,6 +167,15 @@ def precision_for(cfg: TrainConfig) -> str:
 def on_for(setting: bool | str, cfg: TrainConfig) -> bool:
     """A `true | false | auto` train setting; auto: on where the Trainer runs on CUDA."""
     return gpu.cuda_usable(cfg.accelerator) if setting == "auto" else bool(setting)
+
+
+def device_feed(params: Params, dc: dict, channels_last: bool, augment: bool = True) -> gpu.DeviceFeed:
+    """The device half of the configured data path (`data.decode`; the CPU path where there is no CUDA). With
+    augment=False, training batches get the eval preprocessing plus a flip (FixRes)."""
+    cfg = params.train
+    if gpu.resolve_decode(params.data.decode, cfg.accelerator) == "gpu":
+        return gpu.GpuPreprocess(dc, cfg.auto_augment, cfg.crop_scale, channels_last=channels_last, augment=augment)
+    return gpu.DeviceFeed(dc["mean"], dc["std"], channels_last)
 
 
 LAST = "last.ckpt"
@@ -200,7 +239,7 @@ def fit(module: Classifier, dm: ShardDataModule, cfg: TrainConfig, epochs: int, 
     logger.log_hyperparams(params)  # on resume: the same values again, which MLflow accepts
     callbacks = [LearningRateMonitor(logging_interval="step"), EpochSummary()]
     if cfg.progress_bar:
-        callbacks.append(RichProgressBar())
+        callbacks.append(ProgressBar())
     ckpt_path = None
     if checkpoints:
         write_run_file(Path(checkpoints), logger.run_id, fp)
@@ -212,7 +251,7 @@ def fit(module: Classifier, dm: ShardDataModule, cfg: TrainConfig, epochs: int, 
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, precision=precision_for(cfg), logger=logger, callbacks=callbacks,
-        enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar, log_every_n_steps=1,
+        enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar, log_every_n_steps=cfg.log_every_n_steps,
         enable_model_summary=False, default_root_dir=".lightning",
     )
     try:  # MLFlowLogger creates its run through the client, which starts no system metrics monitor by itself
@@ -241,12 +280,10 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
     channels_last = on_for(cfg.channels_last, cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    decode = gpu.resolve_decode(params.data.decode, cfg.accelerator)
-    gpu_pre = gpu.GpuPreprocess(dc, cfg.auto_augment, cfg.crop_scale, channels_last=channels_last) \
-        if decode == "gpu" else None
-    dm = ShardDataModule(shards, transforms.train_transform(dc, cfg.auto_augment, cfg.crop_scale), transforms.eval_transform(dc),
-                         cfg.batch_size, params.data.num_workers, params.data.shuffle_buffer, cfg.seed,
-                         decode=decode, gpu=gpu_pre, channels_last=channels_last)
+    feed = device_feed(params, dc, channels_last)
+    dm = ShardDataModule(shards, transforms.train_transform(dc, cfg.auto_augment, cfg.crop_scale, uint8=True),
+                         transforms.eval_transform(dc, uint8=True), cfg.batch_size, params.data.num_workers,
+                         params.data.shuffle_buffer, feed, cfg.seed)
     devices = cfg.devices if isinstance(cfg.devices, int) else 1
     global_batch = cfg.batch_size * devices * cfg.num_nodes
     lr = cfg.lr or recipe.lr * global_batch / recipe.batch_size  # linear scaling rule from the card's batch
@@ -257,14 +294,12 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
     schedule = dict(sched="step", decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
                     warmup_epochs=cfg.warmup_epochs, warmup_lr=lr * 0.01)
     smoothing = recipe.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
-    module = Classifier(model, len(classes), optimizer, schedule, smoothing, ema_decay=cfg.ema_decay)
-    if on_for(cfg.compile, cfg):
-        # In place, after the EMA copied the model: forward is compiled, state_dict keys stay as they are.
-        module.model.compile()
+    module = Classifier(model, len(classes), optimizer, schedule, smoothing, ema_decay=cfg.ema_decay,
+                        compile=on_for(cfg.compile, cfg))
     checkpoints = Path(cfg.checkpoint_dir) / variant_key
     fit(module, dm, cfg, cfg.epochs, params.mlflow.experiment, f"train@{variant_key}",
         {**cfg.model_dump(), "variant": variant.name, "lr_scaled": lr, "global_batch": global_batch,
-         "img_size": dc["img_size"], "num_classes": len(classes), "decode": decode}, checkpoints=checkpoints)
+         "img_size": dc["img_size"], "num_classes": len(classes), "decode": "gpu" if feed.decodes else "cpu"}, checkpoints=checkpoints)
     spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
                             phi=variant.phi, classes=classes, **dc)
     models.save_bundle(module.eval_model, spec, out)  # the EMA weights when there is an EMA

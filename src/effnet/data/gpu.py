@@ -1,34 +1,35 @@
-"""The GPU data path (`data.decode: gpu`): the loader yields JPEG bytes, the device decodes and augments them.
+"""The device half of the data paths: what turns a loader batch into the model's input on the training device.
 
-Workers only read the shards and pack each batch's JPEG bytes into one flat uint8 tensor plus the byte counts
-(`collate_jpeg`); `ShardDataModule` keeps those on the CPU (nvjpeg reads its input from host memory) and, in
-`on_after_batch_transfer`, `GpuPreprocess` decodes the whole batch with `torchvision.io.decode_jpeg(list,
-device=...)` and applies on the device what `transforms.train_transform` / `eval_transform` apply on the CPU:
+`DeviceFeed` serves `data.decode: cpu`: loader workers decode and augment (timm's transforms) and send uint8
+images; the device normalises them. `GpuPreprocess` serves `data.decode: gpu`: workers only read the shards and
+pack each batch's JPEG bytes into one flat uint8 tensor plus byte counts (`collate_jpeg`); the device decodes the
+whole batch with `torchvision.io.decode_jpeg(list, device=...)` (nvjpeg) and applies what timm's CPU transforms do:
 
 * train: timm's RandomResizedCrop sampler itself (`RandomResizedCropAndInterpolation.get_params`: the same scale
-  and log-ratio distribution, the same 10 tries and central fallback), bicubic antialiased resize per image,
-  horizontal flip p=0.5, then AutoAugment / RandAugment per image (torchvision v2 on uint8 tensors, see
-  `augmenter` for how those policies relate to timm's), normalisation, channels_last;
+  and log-ratio distribution, the same 10 tries and central fallback), the crops resized and flipped (p=0.5) in
+  one batched resample (`resized_crops`), AutoAugment / RandAugment (see `augmenter` for how those policies
+  relate to timm's), normalisation, channels_last;
 * eval: resize of the shorter side to floor(size / crop_pct) (bicubic, antialias), center crop, normalisation
   (timm's eval transform; it matches the CPU path to within JPEG decoder and resampler rounding).
 
-Every function is device-agnostic: on CPU tensors they run the same code (decode_jpeg on the CPU), which is how
-the tests check them. Where CUDA is absent, `resolve_decode` falls back to the CPU path with one warning.
+`stream.DevicePrefetcher` runs either feed in a thread on a side CUDA stream, ahead of the training step. Every
+function is device-agnostic: on CPU tensors they run the same code (decode_jpeg on the CPU), which is how the
+tests check them. Where CUDA is absent, `resolve_decode` falls back to the CPU path with one warning.
 """
 from __future__ import annotations
 
 import logging
 import math
 import random
-import re
 import warnings
 
 import torch
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from effnet.data.batch_augment import BatchAugment, augmenter  # noqa: F401 - augmenter: the per-image policy
 
 log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec; decode_jpeg still is the batched
@@ -55,12 +56,12 @@ def resolve_decode(decode: str, accelerator: str = "auto") -> str:
 # --- what the workers do: bytes only ---------------------------------------------------------------------------
 
 def collate_jpeg(samples: list[tuple]) -> list:
-    """[(jpeg bytes, label[, key]), ...] -> [flat uint8 tensor, byte counts, labels[, keys]]: one tensor for the
+    """[(jpeg bytes, label[, key]), ...] -> [(flat uint8 tensor, byte counts), labels[, keys]]: one tensor for the
     bytes of the whole batch, so a worker hands over one shared-memory block, not one per image."""
     cols = list(zip(*samples))
     sizes = torch.tensor([len(b) for b in cols[0]], dtype=torch.int64)
     flat = torch.frombuffer(bytearray(b"".join(cols[0])), dtype=torch.uint8)
-    return [flat, sizes, torch.tensor(cols[1], dtype=torch.int64), *(list(c) for c in cols[2:])]
+    return [(flat, sizes), torch.tensor(cols[1], dtype=torch.int64), *(list(c) for c in cols[2:])]
 
 
 def unpack(flat: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor]:
@@ -91,20 +92,78 @@ def crop_params(img: torch.Tensor, scale=(0.08, 1.0), ratio=RATIO) -> tuple[int,
     return RandomResizedCropAndInterpolation.get_params(img, scale, ratio)
 
 
-def random_resized_crop(img: torch.Tensor, size: int, scale=(0.08, 1.0), ratio=RATIO,
-                        interpolation: str = "bicubic") -> torch.Tensor:
-    i, j, h, w = crop_params(img, scale, ratio)
-    return F.resized_crop(img, i, j, h, w, [size, size], interpolation=interp_mode(interpolation), antialias=True)
+PAD_BUDGET = 2**28  # elements of one padded float chunk (1 GiB): bounds memory when a batch has huge images
 
 
-def random_hflip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
-    """Flip each image of an NCHW batch independently with probability p."""
-    flip = torch.rand(x.shape[0], device=x.device) < p
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], size: int,
+                  flips: list[bool]) -> torch.Tensor:
+    """Each image's box (top, left, height, width) resized to size x size and mirrored where `flips` says, as a
+    uint8 NCHW batch, in a handful of batched ops instead of a few per image.
+
+    The boxes are copied into one zero-padded batch; one `grid_sample` reads each output pixel's bilinear sample,
+    on a grid k times finer than the output, where k is how many times the largest box shrinks (at most 4), and a
+    k x k average pools it back: antialiased bilinear resizing (what DALI's random_resized_crop does, and one of
+    the two filters timm's own training draws from). Sample positions are clamped to each box, as a crop-then-
+    resize does, so no padding leaks in. The flip is the mirrored sample grid."""
+    n, device = len(images), images[0].device
+    h, w = (on_device([b[i] for b in boxes], torch.float32, device) for i in (2, 3))
+    mirrors = on_device(flips, torch.bool, device)[:, None]
+    k = max(1, min(4, math.ceil(max(max(b[2], b[3]) for b in boxes) / size)))
+    out = torch.empty(n, images[0].shape[0], size, size, dtype=torch.uint8, device=device)
+    for lo, hi in _chunks([(b[2], b[3]) for b in boxes], PAD_BUDGET // (3 * 4)):
+        ph, pw = max(b[2] for b in boxes[lo:hi]), max(b[3] for b in boxes[lo:hi])
+        padded = images[0].new_zeros(hi - lo, images[0].shape[0], ph, pw)
+        for row, (img, (top, left, bh, bw)) in enumerate(zip(images[lo:hi], boxes[lo:hi])):
+            padded[row, :, :bh, :bw] = img[:, top:top + bh, left:left + bw]
+        base = (torch.arange(size * k, dtype=torch.float32, device=device) + 0.5) / (size * k)
+        xs = _clamped(base[None, :] * w[lo:hi, None] - 0.5, w[lo:hi, None])
+        xs = torch.where(mirrors[lo:hi], w[lo:hi, None] - 1 - xs, xs)
+        ys = _clamped(base[None, :] * h[lo:hi, None] - 0.5, h[lo:hi, None])
+        grid = torch.stack([  # grid_sample's (x, y) in [-1, 1] over the padded size (align_corners=True)
+            (2 * xs / max(pw - 1, 1) - 1)[:, None, :].expand(-1, size * k, -1),
+            (2 * ys / max(ph - 1, 1) - 1)[:, :, None].expand(-1, -1, size * k)], dim=-1)
+        x = torch.nn.functional.grid_sample(padded.float(), grid, mode="bilinear", align_corners=True)
+        if k > 1:
+            x = torch.nn.functional.avg_pool2d(x, k)
+        out[lo:hi] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-batch list as a tensor on `device`, copied from pinned memory without blocking: a plain
+    torch.tensor(..., device="cuda") would wait for the stream's earlier work."""
+    t = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
+def _clamped(pos: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(pos.clamp(min=0), extent - 1)
+
+
+def _chunks(sizes: list[tuple[int, int]], budget: int) -> list[tuple[int, int]]:
+    """[lo, hi) runs of images whose padded size (count x tallest x widest) stays within `budget` pixels."""
+    runs, lo = [], 0
+    while lo < len(sizes):
+        hi, ph, pw = lo + 1, *sizes[lo]
+        while hi < len(sizes):
+            nh, nw = max(ph, sizes[hi][0]), max(pw, sizes[hi][1])
+            if (hi - lo + 1) * nh * nw > budget:
+                break
+            hi, ph, pw = hi + 1, nh, nw
+        runs.append((lo, hi))
+        lo = hi
+    return runs
+
+
+def random_hflip(x: torch.Tensor, flips: list[bool]) -> torch.Tensor:
+    """Mirror the images of an NCHW batch where `flips` says."""
+    mirror = on_device(flips, torch.bool, x.device)[:, None, None, None]
+    return torch.where(mirror, x.flip(-1), x)
 
 
 def resize_center_crop(img: torch.Tensor, size: int, crop_pct: float, interpolation: str = "bicubic") -> torch.Tensor:
-    """timm's eval transform for a square size: shorter side to floor(size / crop_pct), then center crop."""
+    """timm's eval transform for a square size on a CHW or NCHW tensor: shorter side to floor(size / crop_pct),
+    then center crop."""
     scale_size = math.floor(size / crop_pct)
     img = F.resize(img, [scale_size], interpolation=interp_mode(interpolation), antialias=True)
     return F.center_crop(img, [size, size])
@@ -112,70 +171,72 @@ def resize_center_crop(img: torch.Tensor, size: int, crop_pct: float, interpolat
 
 def normalize(x: torch.Tensor, mean, std, channels_last: bool = True) -> torch.Tensor:
     """uint8 NCHW -> float32 (x / 255 - mean) / std, optionally in channels_last memory format."""
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    m, s = (on_device([v * 255 for v in values], torch.float32, x.device).view(1, -1, 1, 1) for values in (mean, std))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.to(dtype=torch.float32, memory_format=memory_format).sub_(m).div_(s)
 
 
-def augmenter(policy: str | None, mean=(0.485, 0.456, 0.406)):
-    """A per-image uint8 tensor transform for timm's policy string, or None.
+class DeviceFeed:
+    """The device half of a data path: turns a loader batch `[images, labels, *rest]` into the model's input on
+    `device`. This one is the CPU decode path's: the workers decode and augment and send uint8 images (a quarter
+    of float32's bytes through shared memory and over PCIe); the device converts and normalises them.
+    `decodes` says what the loader must yield: decoded uint8 images (False) or JPEG bytes (True)."""
 
-    * 'original' (the card's AutoAugment) and any other non-'rand' AutoAugment name -> torchvision's
-      `v2.AutoAugment(IMAGENET)`: the same 25 sub-policies of the AutoAugment paper as timm's 'original', with
-      torchvision's magnitude tables. Known differences from timm's 'original': Posterize keeps 4 + level*0.4 bits
-      in timm (more bits, milder, at higher level) and 8 - round(level*4/9) bits in torchvision (fewer bits);
-      the translate/rotate/shear magnitude tables differ slightly; timm's rotate/shear/translate resample bicubic,
-      torchvision's tensor ops here bilinear. The probabilities, op pairs and sign flips are the same. Fill: the
-      mean colour, as timm's.
-    * 'rand-m{M}[-n{N}]...' -> `v2.RandAugment(num_ops=N (default 2), magnitude=M, num_magnitude_bins=11)`, so M is
-      on timm's 0-10 scale; timm's per-image magnitude noise (mstd) and its slightly different op set are not
-      reproduced.
-    * None -> ColorJitter(0.4, 0.4, 0.4): what timm applies when there is no auto-augment policy.
-    """
-    fill = [min(255, round(255 * m)) for m in mean]
-    if policy is None:
-        return v2.ColorJitter(0.4, 0.4, 0.4)
-    if policy.startswith("rand"):
-        m = re.search(r"-m(\d+)", policy)
-        n = re.search(r"-n(\d+)", policy)
-        return v2.RandAugment(num_ops=int(n.group(1)) if n else 2, magnitude=int(m.group(1)) if m else 9,
-                              num_magnitude_bins=11, interpolation=InterpolationMode.BILINEAR, fill=fill)
-    return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=InterpolationMode.BILINEAR, fill=fill)
+    decodes = False
+
+    def __init__(self, mean, std, channels_last: bool = True):
+        self.mean, self.std, self.channels_last = tuple(mean), tuple(std), channels_last
+
+    def images(self, payload, train: bool, device) -> torch.Tensor:
+        """The loader's image payload -> uint8 NCHW on `device`."""
+        return payload.to(device, non_blocking=True)
+
+    def __call__(self, batch, train: bool, device) -> list:
+        payload, y, *rest = batch
+        x = normalize(self.images(payload, train, device), self.mean, self.std, self.channels_last)
+        return [x, y.to(device, non_blocking=True), *rest]
 
 
-class GpuPreprocess:
-    """The train and eval preprocessing of one data config (`models.data_config`: img_size, crop_pct,
-    interpolation, mean, std), applied to a batch of JPEG bytes on any device."""
+class GpuPreprocess(DeviceFeed):
+    """The GPU decode path's device half, for one data config (`models.data_config`: img_size, crop_pct,
+    interpolation, mean, std): the loader yields JPEG bytes (`collate_jpeg`), the device decodes them in one batch
+    and crops, flips and auto-augments them (train) or resizes and center-crops them (eval). With
+    `augment=False`, training batches get the eval preprocessing plus the flip (FixRes's test-time statistics)."""
+
+    decodes = True
 
     def __init__(self, dc: dict, auto_augment: str | None = "original", crop_scale=(0.08, 1.0), ratio=RATIO,
-                 hflip: float = 0.5, channels_last: bool = True):
-        self.size, self.crop_pct = int(dc["img_size"]), float(dc["crop_pct"])
-        self.interpolation, self.mean, self.std = dc["interpolation"], tuple(dc["mean"]), tuple(dc["std"])
-        self.scale, self.ratio, self.hflip, self.channels_last = tuple(crop_scale), tuple(ratio), hflip, channels_last
-        self.augment = augmenter(auto_augment, self.mean)
+                 hflip: float = 0.5, channels_last: bool = True, augment: bool = True):
+        super().__init__(dc["mean"], dc["std"], channels_last)
+        self.size, self.crop_pct, self.interpolation = int(dc["img_size"]), float(dc["crop_pct"]), dc["interpolation"]
+        self.scale, self.ratio, self.hflip = tuple(crop_scale), tuple(ratio), hflip
+        self.augment = BatchAugment(auto_augment, self.mean) if augment else None
+
+    def images(self, payload, train: bool, device) -> torch.Tensor:
+        decoded = decode_batch(unpack(*payload), device)
+        return self.train_images(decoded) if train else self.eval_images(decoded)
 
     def train_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Decoded uint8 CHW images -> augmented uint8 NCHW batch (crop, flip, auto-augment)."""
-        out = []
-        for img in images:
-            crop = random_resized_crop(img, self.size, self.scale, self.ratio, self.interpolation)
-            out.append(self.augment(crop) if self.augment is not None else crop)
-        x = torch.stack(out)
-        return random_hflip(x, self.hflip) if self.hflip > 0 else x
+        flips = [random.random() < self.hflip for _ in images]
+        if self.augment is None:
+            return random_hflip(self.eval_images(images), flips)
+        x = resized_crops(images, [crop_params(img, self.scale, self.ratio) for img in images], self.size, flips)
+        return self.augment(x)
 
     def eval_images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([resize_center_crop(img, self.size, self.crop_pct, self.interpolation) for img in images])
-
-    def train(self, flat: torch.Tensor, sizes: torch.Tensor, device) -> torch.Tensor:
-        """A `collate_jpeg` batch's bytes -> normalised float32 NCHW batch on `device`."""
-        x = self.train_images(decode_batch(unpack(flat, sizes), device))
-        return normalize(x, self.mean, self.std, self.channels_last)
-
-    def eval(self, flat: torch.Tensor, sizes: torch.Tensor, device) -> torch.Tensor:
-        x = self.eval_images(decode_batch(unpack(flat, sizes), device))
-        return normalize(x, self.mean, self.std, self.channels_last)
+        """Resize + center crop, exactly timm's eval transform: one batched resize per distinct image shape (most
+        ImageNet photos share a few shapes)."""
+        out = images[0].new_empty(len(images), images[0].shape[0], self.size, self.size)
+        same_shape: dict[tuple, list[int]] = {}
+        for i, img in enumerate(images):
+            same_shape.setdefault(tuple(img.shape), []).append(i)
+        for rows in same_shape.values():
+            out.index_copy_(0, on_device(rows, torch.long, out.device),
+                            resize_center_crop(torch.stack([images[i] for i in rows]), self.size, self.crop_pct,
+                                               self.interpolation))
+        return out
 
     def __repr__(self) -> str:
         return (f"GpuPreprocess(size={self.size}, crop_pct={self.crop_pct}, scale={self.scale}, "
-                f"interpolation={self.interpolation}, augment={self.augment!r})")
+                f"augment={self.augment!r})")

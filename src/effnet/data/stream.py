@@ -5,14 +5,18 @@ epoch length from the manifest, so all DDP ranks run the same number of steps. E
 once, split by node and worker, so that every sample is seen exactly once across ranks. Shards may live in a local
 folder, at an fsspec URL (s3://, gs://, memory://...) or behind a `pipe:` command with `{name}` in it.
 
-With `transform=None` the loaders yield the JPEG bytes undecoded (`gpu.collate_jpeg`: flat bytes, byte counts,
-labels[, keys]); `ShardDataModule(decode="gpu")` decodes and augments those on the device (`effnet.data.gpu`).
+With `transform=None` the loaders yield the JPEG bytes undecoded (`gpu.collate_jpeg`). `ShardDataModule` hands each
+batch to a device feed (`effnet.data.gpu`: normalise uint8 images, or decode and augment JPEG bytes) that
+`DevicePrefetcher` runs ahead of the training step, in a thread, on a side CUDA stream.
 """
 from __future__ import annotations
 
 import importlib
 import io
+import queue
+import threading
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,7 +26,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from effnet.data.gpu import GpuPreprocess, collate_jpeg
+from effnet.data.gpu import DeviceFeed, collate_jpeg
 from effnet.data.shard import location, read_manifest
 
 # with_length() is only the epoch length Lightning shows and plans with; with_epoch() sets the real one.
@@ -64,7 +68,8 @@ def decode(sample: dict, draft: int | None = None) -> Image.Image:
 
 
 def train_loader(shards: str | Path, transform, batch_size: int, num_workers: int, shuffle_buffer: int,
-                 world_size: int = 1, seed: int = 0, draft: int | None = None) -> wds.WebLoader:
+                 world_size: int = 1, seed: int = 0, draft: int | None = None, pin_memory: bool = False
+                 ) -> wds.WebLoader:
     """Batches of (images, labels); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`)."""
     total = read_manifest(shards)["splits"]["train"]["total"]
     steps = max(1, total // (batch_size * world_size))
@@ -77,11 +82,12 @@ def train_loader(shards: str | Path, transform, batch_size: int, num_workers: in
     else:
         ds = (ds.map_tuple(lambda jpg: transform(decode({"jpg": jpg}, draft)), int)
               .batched(batch_size, partial=False))
-    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers,
-                         persistent_workers=num_workers > 0).with_epoch(steps).with_length(steps)
+    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                         pin_memory=pin_memory).with_epoch(steps).with_length(steps)
 
 
-def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int, split: str = "val") -> wds.WebLoader:
+def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int, split: str = "val",
+                pin_memory: bool = False) -> wds.WebLoader:
     """Batches of (images, labels, keys); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`)."""
     ds = (wds.WebDataset(shard_urls(shards, split), shardshuffle=False, nodesplitter=wds.split_by_node,
                          empty_check=False)
@@ -91,53 +97,106 @@ def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int
     else:
         ds = (ds.map_tuple(lambda jpg: transform(decode({"jpg": jpg})), int, str)
               .batched(batch_size, partial=True))
-    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers)
+    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+
+
+class DevicePrefetcher:
+    """Iterates `loader`, running `feed(batch, train, device)` on each batch `depth` batches ahead, in a thread.
+
+    On CUDA the feed runs on a side stream and each batch carries an event the consumer's stream waits for, so
+    the copies, decoding and augmentation of the next batches overlap the training step (their host-side work
+    too: torch releases the GIL inside its ops). On other devices it is the same thread and queue, no streams.
+    Sized when the loader is, as Lightning wants for its epoch length."""
+
+    def __init__(self, loader, feed, train: bool, device, depth: int = 2):
+        self.loader, self.feed, self.train, self.depth = loader, feed, train, depth
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        cuda = self.device.type == "cuda"
+        ready: queue.Queue = queue.Queue(self.depth)
+        stop = threading.Event()
+
+        def put(item) -> None:  # gives up once the consumer has gone
+            while not stop.is_set():
+                try:
+                    return ready.put(item, timeout=0.1)
+                except queue.Full:
+                    pass
+
+        def work() -> None:
+            try:
+                if cuda:
+                    torch.cuda.set_device(self.device)
+                side = torch.cuda.Stream(self.device) if cuda else None
+                for batch in self.loader:
+                    if stop.is_set():
+                        return
+                    with torch.cuda.stream(side) if cuda else nullcontext():
+                        out = self.feed(batch, self.train, self.device)
+                        done = torch.cuda.Event() if cuda else None
+                        if done is not None:
+                            done.record(side)
+                    put((out, done))
+                put(StopIteration)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                put(e)
+
+        thread = threading.Thread(target=work, name="effnet-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is StopIteration:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                out, done = item
+                if done is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(done)
+                    for t in out:  # made on the side stream: keep the allocator from reusing it too early
+                        if torch.is_tensor(t):
+                            t.record_stream(stream)
+                yield out
+        finally:
+            stop.set()
+            thread.join(timeout=5)
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """Train and val loaders over the shards. decode="cpu": workers decode and transform (train_tf, val_tf).
-    decode="gpu": workers only read the JPEG bytes; `gpu` (a `GpuPreprocess`) decodes and augments them on the
-    batch's device in `on_after_batch_transfer` (train_tf/val_tf unused). `channels_last` also converts the CPU
-    path's batches to channels_last once they are on a CUDA device."""
+    """Train and val loaders over the shards, each batch finished on the training device by `feed` (see
+    `effnet.data.gpu`) through a `DevicePrefetcher`. With a feed that decodes (`GpuPreprocess`), the workers only
+    read JPEG bytes and train_tf/val_tf are not used; otherwise they decode and transform to uint8 images
+    (`transforms.*(..., uint8=True)`)."""
 
     def __init__(self, shards: str | Path, train_tf, val_tf, batch_size: int, num_workers: int, shuffle_buffer: int,
-                 seed: int = 0, draft: int | None = None, decode: str = "cpu", gpu: GpuPreprocess | None = None,
-                 channels_last: bool = False):
+                 feed: DeviceFeed, seed: int = 0, draft: int | None = None):
         super().__init__()
-        if decode not in ("cpu", "gpu") or (decode == "gpu" and gpu is None):
-            raise ValueError(f"decode={decode!r}: expected 'cpu', or 'gpu' with a GpuPreprocess")
-        self.shards, self.train_tf, self.val_tf = _root(shards), train_tf, val_tf
+        self.shards, self.train_tf, self.val_tf, self.feed = _root(shards), train_tf, val_tf, feed
         self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
-        self.draft, self.decode, self.gpu, self.channels_last = draft, decode, gpu, channels_last
+        self.draft = draft
         self.manifest = read_manifest(self.shards)
 
     @property
     def classes(self) -> list[str]:
         return self.manifest["classes"]
 
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+
     def train_dataloader(self):
         world = self.trainer.world_size if self.trainer else 1
-        tf = None if self.decode == "gpu" else self.train_tf
-        return train_loader(self.shards, tf, self.batch_size, self.num_workers, self.shuffle_buffer,
-                            world, self.seed, self.draft)
+        loader = train_loader(self.shards, None if self.feed.decodes else self.train_tf, self.batch_size,
+                              self.num_workers, self.shuffle_buffer, world, self.seed, self.draft,
+                              pin_memory=self.device.type == "cuda")
+        return DevicePrefetcher(loader, self.feed, True, self.device)
 
     def val_dataloader(self):
-        return eval_loader(self.shards, None if self.decode == "gpu" else self.val_tf, self.batch_size,
-                           self.num_workers)
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        if self.decode != "gpu":
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        flat, sizes, *rest = batch  # the JPEG bytes stay in host memory: nvjpeg reads them from there
-        return [flat, sizes, *super().transfer_batch_to_device(rest, device, dataloader_idx)]
-
-    def on_after_batch_transfer(self, batch, dataloader_idx):
-        if self.decode == "gpu":
-            flat, sizes, y, *rest = batch
-            training = self.trainer is not None and self.trainer.training
-            x = (self.gpu.train if training else self.gpu.eval)(flat, sizes, y.device)
-            return [x, y, *rest]
-        x = batch[0]
-        if self.channels_last and torch.is_tensor(x) and x.ndim == 4 and x.is_cuda:
-            return [x.contiguous(memory_format=torch.channels_last), *batch[1:]]
-        return batch
+        loader = eval_loader(self.shards, None if self.feed.decodes else self.val_tf, self.batch_size,
+                             self.num_workers, pin_memory=self.device.type == "cuda")
+        return DevicePrefetcher(loader, self.feed, False, self.device)
