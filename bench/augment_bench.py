@@ -1,5 +1,6 @@
-"""Augmentation cost per batch: the per-image torchvision loop (what `GpuPreprocess.train_images` does now, with
-`gpu.augmenter(policy)`) vs `BatchAugment`, on uint8 batches of random-resized-crop-like images.
+"""The GPU train path's cost per batch, per-image loops against the batched ops that replaced them: random-resized
+crop + flip (torchvision's resized_crop per image, bicubic antialiased, vs `gpu.resized_crops`, from images twice
+the output size), and auto-augmentation (`gpu.augmenter(policy)` per image vs `BatchAugment`).
 
     PYTHONPATH=src python bench/augment_bench.py                       # CUDA if available, else CPU
     python bench/augment_bench.py --device cpu --size 64 --iters 5
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the project, when not installed
 from effnet.data import gpu  # noqa: E402
+from torchvision.transforms.v2 import functional as F  # noqa: E402
 from effnet.data.batch_augment import BatchAugment  # noqa: E402
 
 
@@ -62,7 +64,20 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads), {args.size}x{args.size} uint8, torch {torch.__version__}, "
           f"median of {args.iters} after {args.warmup} warm-up")
-    print(f"{'policy':18} {'batch':>5} {'per-image loop ms':>18} {'BatchAugment ms':>16} {'speed-up':>9}")
+    print(f"{'what':18} {'batch':>5} {'per-image loop ms':>18} {'batched ms':>16} {'speed-up':>9}")
+    for n in args.batches:
+        sources = list(images(n, 2 * args.size, device))
+        boxes = [gpu.crop_params(img) for img in sources]
+        flips = [i % 2 == 0 for i in range(n)]
+
+        def per_image(_):
+            out = torch.stack([F.resized_crop(img, *box, [args.size] * 2, F.InterpolationMode.BICUBIC, antialias=True)
+                               for img, box in zip(sources, boxes)])
+            return gpu.random_hflip(out, flips)
+        loop = seconds_per_batch(per_image, sources[0], args.warmup, args.iters)
+        fast = seconds_per_batch(lambda _: gpu.resized_crops(sources, boxes, args.size, flips), sources[0],
+                                 args.warmup, args.iters)
+        print(f"{'crop + flip':18} {n:5d} {loop * 1e3:18.1f} {fast * 1e3:16.1f} {loop / fast:8.1f}x")
     for policy in args.policies:
         batched = BatchAugment(policy)
         per_image = gpu.augmenter(policy)  # the transform gpu.py applies image by image

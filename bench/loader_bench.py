@@ -1,6 +1,7 @@
 """Training-loader throughput per worker core (decode + RandomResizedCrop 224 + flip + AutoAugment 'original'):
 our shards (copy mode, max_side mode, reduced-size JPEG decoding) beside timm's create_loader over the same images
-as an ImageFolder. One process, num_workers=0, so img/s is per worker core.
+as an ImageFolder. One process, num_workers=0, so img/s is per worker core. Our loader yields uint8 images (the
+device normalises them), as `effnet train` runs it; timm's yields normalised float32.
 
     nice -n 19 .venv/bin/python bench/loader_bench.py --images 256
 """
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-side", type=int, default=320)
     args = ap.parse_args()
+    if args.images < 2 * args.batch:
+        ap.error(f"--images {args.images}: needs at least two batches of --batch {args.batch} (the first is warm-up)")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -52,7 +55,7 @@ def main() -> None:
         timm_loader = create_loader(create_dataset("", root=str(src / "train")), input_size=(3, 224, 224),
                                     batch_size=args.batch, is_training=True, auto_augment="original",
                                     interpolation="bicubic", num_workers=0, use_prefetcher=False)
-        tf = transforms.train_transform(DC, "original")
+        tf = transforms.train_transform(DC, "original", uint8=True)  # as `effnet train` runs it
         rows = [("timm create_loader, ImageFolder", rate(timm_loader, n))]
         for name, where, draft in [("shards, copy", "copy", None), ("shards, copy + draft decode", "copy", 224),
                                    (f"shards, max_side {args.max_side}", "side", None)]:
