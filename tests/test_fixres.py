@@ -78,3 +78,28 @@ def test_evaluate_sweeps_both_models_and_writes_plot_and_png(tiny_params, shards
     assert {"fixres.res40.macro_precision", "fixres.res40.macro_recall"} <= set(data.metrics)
     assert data.params["evaluate.batch_size"] == str(tiny_params.evaluate.batch_size)
     assert any(k.startswith("system/") for k in data.metrics), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING from tracking"
+
+
+def test_exact_mean_batchnorm_matches_momentum_none_and_keeps_the_state_dict():
+    """fixres.ExactMeanBatchNormAct2d (tensors only, so torch.compile traces it) = timm's BatchNormAct2d with
+    momentum=None: the running statistics are the exact mean over the batches seen, outputs and gradients equal."""
+    from timm.layers import BatchNormAct2d
+    from effnet.fixres import ExactMeanBatchNormAct2d
+    torch.manual_seed(0)
+    ref = BatchNormAct2d(6, momentum=None)
+    ours = BatchNormAct2d(6, momentum=None)
+    ours.load_state_dict(ref.state_dict())
+    ours.__class__ = ExactMeanBatchNormAct2d
+    for step in range(5):
+        x = torch.randn(4, 6, 5, 5) * (step + 1) + step
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref(xa), ours(xb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert torch.allclose(ya, yb, atol=1e-5) and torch.allclose(xa.grad, xb.grad, atol=1e-4)
+    for key, value in ref.state_dict().items():
+        assert torch.allclose(value.float(), ours.state_dict()[key].float(), atol=1e-5), key
+    assert int(ours.num_batches_tracked) == 5 and ours.running_mean.abs().sum() > 0
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 6, 5, 5)
+    assert torch.allclose(ours(x), ref(x), atol=1e-5)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
 
 from effnet import models
 from effnet.config import Params
@@ -18,6 +20,24 @@ from effnet.data.stream import ShardDataModule
 from effnet.train import Classifier, device_feed, fit, on_for
 
 TRAINABLE = ["classifier", "bn2"]  # timm EfficientNet: the head and the BatchNorm right before pooling
+
+
+class ExactMeanBatchNormAct2d(BatchNormAct2d):
+    """BatchNorm's momentum=None (running statistics = the exact mean over all batches so far), kept in tensors:
+    timm's version reads 1 / num_batches_tracked as a Python float, which breaks the torch.compile graph and
+    recompiles it at every step. Same state_dict as the layer it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=1)
+            weight = 1.0 / self.num_batches_tracked
+            self.running_mean.lerp_(mean, weight)
+            self.running_var.lerp_(var, weight)
+        x = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return self.act(self.drop(x))
 
 
 def fixres_size(params: Params, train_size: int) -> int:
@@ -30,8 +50,9 @@ def run(params: Params, variant_key: str, shards: Path, trained: Path, out: Path
     train_size, size = spec.img_size, fixres_size(params, spec.img_size)
     spec = spec.model_copy(update={"img_size": size})
     dc = spec.model_dump(include={"img_size", "crop_pct", "interpolation", "mean", "std"})
-    model.bn2.reset_running_stats()  # re-estimate from scratch: momentum None is the exact mean over the batches
+    model.bn2.reset_running_stats()  # re-estimate from scratch, as the exact mean over the batches
     model.bn2.momentum = None
+    model.bn2.__class__ = ExactMeanBatchNormAct2d
     channels_last = on_for(params.train.channels_last, params.train)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -52,8 +52,8 @@ class Classifier(pl.LightningModule):
         self.nonfinite: torch.Tensor | None = None  # on the device: did any loss since the last check overflow?
         if self.ema is not None:
             self.ema.requires_grad_(False)  # updated by lerp, never by the optimizer (nor DDP's gradient sync)
-        if compile:
-            model.compile()
+        if compile:  # static shapes: a new resolution retraces timm's 'same' padding symbolically (minutes)
+            model.compile(dynamic=False)
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
