@@ -36,6 +36,7 @@ import types
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))  # the project, when not installed
@@ -92,8 +93,13 @@ class Bench:
         return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None
 
     def record(self, config: str, what: str, fn, batch: int, ref: str | None = None, **info):
-        """Run fn() -> img/s; keep going after a failure (the row says why)."""
+        """Run fn() -> img/s; keep going after a failure (the row says why). Each row also counts the graphs
+        torch.compile made during it and its graph breaks: a compiled training run should show one graph for
+        training (plus one per validation batch shape) and no breaks."""
         self.mem_reset()
+        torch._dynamo.reset()
+        counters = torch._dynamo.utils.counters
+        counters.clear()
         t = time.perf_counter()
         try:
             rate, err = float(fn()), None
@@ -101,10 +107,13 @@ class Bench:
             traceback.print_exc()
             rate, err = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         row = dict(config=config, what=what, img_s=rate, batch=batch, ref=ref, peak_gib=self.peak_gib(),
-                   wall_s=round(time.perf_counter() - t, 1), error=err, **info)
+                   wall_s=round(time.perf_counter() - t, 1), error=err,
+                   graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
+                   **info)
         self.rows.append(row)
-        print(f"  {config:4} {what:34} {'-' if rate is None else f'{rate:9.1f}'} img/s  ({row['wall_s']} s)"
-              + (f"  ERROR {err}" if err else ""), flush=True)
+        print(f"  {config:4} {what:34} {'-' if rate is None else f'{rate:9.1f}'} img/s  ({row['wall_s']} s, "
+              f"{row['graphs']} graphs, {row['graph_breaks']} breaks)" + (f"  ERROR {err}" if err else ""),
+              flush=True)
         return rate
 
     def variant(self, name):
@@ -343,11 +352,13 @@ def main(argv=None) -> int:
     for r in bench.rows:
         ref = by.get((r["config"], r["ref"])) if r["ref"] else None
         r["ratio"] = round(r["img_s"] / ref, 3) if r["img_s"] and ref else None
-    print(f"\n{'config':6} {'what':40} {'img/s':>9} {'ratio':>7} {'peak GiB':>8}  vs")
+    print(f"\n{'config':6} {'what':40} {'img/s':>9} {'ratio':>7} {'peak GiB':>8} {'graphs/breaks':>13}  vs")
     for r in bench.rows:
         rate = "-" if r["img_s"] is None else f"{r['img_s']:.0f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"{r['config']:6} {r['what']:40} {rate:>9} {ratio:>7} {r['peak_gib'] or '':>8}  {r['ref'] or ''}"
+        compiled = f"{r['graphs']}/{r['graph_breaks']}" if r["graphs"] else ""
+        print(f"{r['config']:6} {r['what']:40} {rate:>9} {ratio:>7} {r['peak_gib'] or '':>8} {compiled:>13}  "
+              f"{r['ref'] or ''}"
               + (f"  ERROR {r['error']}" if r["error"] else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"env": env, "rows": bench.rows}, indent=1))
