@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -27,10 +28,11 @@ def _rank(rank: int, shards: str, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_ranks_see_each_val_sample_once_and_equal_train_batches(demo_dir, tmp_path):
+@pytest.mark.parametrize("per_shard", [5, 1000])  # several val shards per rank; one val shard for both ranks
+def test_ddp_ranks_see_each_val_sample_once_and_equal_train_batches(demo_dir, tmp_path, per_shard):
     shards = tmp_path / "shards"
-    manifest = shard.run(ShardConfig(samples_per_shard=5, workers=1), demo_dir, shards)
-    assert len(manifest["splits"]["val"]["shards"]) >= 2
+    manifest = shard.run(ShardConfig(samples_per_shard=per_shard, workers=1), demo_dir, shards)
+    assert (len(manifest["splits"]["val"]["shards"]) >= 2) == (per_shard == 5)
     mp.spawn(_rank, args=(str(shards), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     seen = ranks[0]["keys"] + ranks[1]["keys"]

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import fsspec
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
@@ -88,10 +89,19 @@ def train_loader(shards: str | Path, transform, batch_size: int, num_workers: in
 
 def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int, split: str = "val",
                 pin_memory: bool = False) -> wds.WebLoader:
-    """Batches of (images, labels, keys); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`)."""
-    ds = (wds.WebDataset(shard_urls(shards, split), shardshuffle=False, nodesplitter=wds.split_by_node,
-                         empty_check=False)
-          .to_tuple("jpg", "cls", "__key__"))
+    """Batches of (images, labels, keys); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`).
+
+    Under torch.distributed every sample goes to exactly one rank: whole shards per rank when there are at least
+    as many shards as ranks; otherwise every rank reads all shards and keeps every world_size-th sample (so no
+    rank is left without data, which would also stall the ranks' metric sync)."""
+    urls = shard_urls(shards, split)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    by_shard = len(urls) >= world
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node if by_shard else None,
+                        empty_check=False)
+    if not by_shard:
+        ds = ds.slice(rank, None, world)
+    ds = ds.to_tuple("jpg", "cls", "__key__")
     if transform is None:
         ds = ds.map_tuple(bytes, int, str).batched(batch_size, collation_fn=collate_jpeg, partial=True)
     else:
