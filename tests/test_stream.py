@@ -88,3 +88,23 @@ def test_device_prefetcher_stops_its_thread_when_the_consumer_leaves():
     it.close()  # what dropping the iterator does
     assert not [t for t in threading.enumerate() if t.name == "effnet-prefetch"]
     assert len(pulled) <= 1 + 2 + 2  # it ran at most its depth ahead (plus the batch in its hands)
+
+
+def _first_batches(shards, seed: int, workers: int, n: int = 3):
+    torch.manual_seed(0)  # what pl.seed_everything does: the DataLoader seeds its workers from it
+    loader = stream.train_loader(shards, transforms.train_transform(DC, "original", uint8=True), 4, workers, 8,
+                                 seed=seed)
+    batches = []
+    for x, y in loader:
+        batches.append((x, y))
+        if len(batches) == n:
+            return batches
+
+
+def test_the_train_stream_is_a_function_of_its_seed(shards_dir):
+    """Same seed: the same shards, order and augmentations, batch for batch (so `dvc repro` repeats a run);
+    another seed: another stream."""
+    a, b, c = (_first_batches(shards_dir, seed, workers=1) for seed in (0, 0, 1))
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert not all(torch.equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+    assert a[0][0].dtype == torch.uint8 and a[0][0].shape == (4, 3, 32, 32)

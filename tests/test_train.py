@@ -109,3 +109,19 @@ def test_kill_9_then_rerun_resumes_the_same_run_and_step_count(shards_dir, tmp_p
     assert _history(runs["killed"], lr_key)[1] == _history(runs["whole"], lr_key)[1]  # the schedule is per step
     print(f"final val/loss: resumed {val[total - 1]:.4f}, uninterrupted {val_whole[total - 1]:.4f}")
     assert abs(val[total - 1] - val_whole[total - 1]) <= 0.3, (val, val_whole)
+
+
+def test_the_train_stage_repeats_bit_for_bit(tiny_params, shards_dir, tmp_path):
+    """Two runs with the same params and data (and loader workers, which own the augmentation RNG) export the
+    same weights: what `dvc repro` of an unchanged stage promises."""
+    weights = []
+    for name in ("first", "second"):
+        ws = tmp_path / name
+        ws.mkdir()
+        params = write_tiny_params(ws / "params.yaml")
+        done = subprocess.run(_train_cmd(shards_dir, params, "data.num_workers=1", "train.epochs=2"), cwd=ws,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        weights.append(load_file(str(ws / "trained" / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

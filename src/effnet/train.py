@@ -267,6 +267,7 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
     """Train variant `variant_key` on SHARDS; write the model bundle to OUT."""
     cfg, variant = params.train, params.variant(variant_key)
     recipe = variant.recipe
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: its init draws too
     classes = read_manifest(shards)["classes"]
     model = models.build(variant, len(classes), cfg.drop_rate, cfg.drop_path_rate, cfg.bn_momentum, cfg.pretrained)
     if cfg.pretrained_file:

@@ -12,11 +12,14 @@ batch to a device feed (`effnet.data.gpu`: normalise uint8 images, or decode and
 from __future__ import annotations
 
 import importlib
+import itertools
 import io
 import queue
+import random
 import threading
 import warnings
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -71,20 +74,33 @@ def decode(sample: dict, draft: int | None = None) -> Image.Image:
 def train_loader(shards: str | Path, transform, batch_size: int, num_workers: int, shuffle_buffer: int,
                  world_size: int = 1, seed: int = 0, draft: int | None = None, pin_memory: bool = False
                  ) -> wds.WebLoader:
-    """Batches of (images, labels); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`)."""
+    """Batches of (images, labels); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`).
+
+    The stream is a function of `seed`: every (rank, worker) draws its shards and shuffles its buffer from its
+    own seed derived from it, and the workers' augmentations are seeded by the DataLoader from torch's RNG (which
+    `pl.seed_everything` sets), so a run with loader workers repeats batch for batch."""
     total = read_manifest(shards)["splits"]["train"]["total"]
     steps = max(1, total // (batch_size * world_size))
-    ds = (wds.WebDataset(shard_urls(shards, "train"), resampled=True, shardshuffle=False,
-                         nodesplitter=wds.split_by_node, seed=seed)
-          .shuffle(shuffle_buffer)
-          .to_tuple("jpg", "cls"))
     if transform is None:
-        ds = ds.map_tuple(bytes, int).batched(batch_size, collation_fn=collate_jpeg, partial=False)
+        load = [wds.map_tuple(bytes, int), wds.batched(batch_size, collation_fn=collate_jpeg, partial=False)]
     else:
-        ds = (ds.map_tuple(lambda jpg: transform(decode({"jpg": jpg}, draft)), int)
-              .batched(batch_size, partial=False))
+        load = [wds.map_tuple(lambda jpg: transform(decode({"jpg": jpg}, draft)), int),
+                wds.batched(batch_size, partial=False)]
+    ds = wds.DataPipeline(wds.ResampledShards(shard_urls(shards, "train"), seed=seed, deterministic=True),
+                          wds.tarfile_to_samples(), partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed),
+                          wds.to_tuple("jpg", "cls"), *load)
     return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                          pin_memory=pin_memory).with_epoch(steps).with_length(steps)
+
+
+def _seeded_shuffle(samples, bufsize: int, seed: int):
+    """webdataset's buffer shuffle with a generator seeded per (seed, rank, worker): its default seeds from the
+    clock, so no two runs would see the same order."""
+    if bufsize < 1:
+        yield from samples
+        return
+    rng = random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
+    yield from wds.shuffle(bufsize, rng=rng)(samples)
 
 
 def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int, split: str = "val",
@@ -137,12 +153,17 @@ class DevicePrefetcher:
                 except queue.Full:
                     pass
 
+        # The first batch is fetched here, in the consumer's thread: starting the loader draws its workers' seeds
+        # from torch's global RNG, which must happen at the same point of every run, not whenever the thread runs.
+        batches = iter(self.loader)
+        first = next(batches, StopIteration)
+
         def work() -> None:
             try:
                 if cuda:
                     torch.cuda.set_device(self.device)
                 side = torch.cuda.Stream(self.device) if cuda else None
-                for batch in self.loader:
+                for batch in itertools.chain([] if first is StopIteration else [first], batches):
                     if stop.is_set():
                         return
                     with torch.cuda.stream(side) if cuda else nullcontext():
