@@ -219,8 +219,8 @@ def test_batched_crops_are_chunked_under_a_memory_budget(monkeypatch):
     images = [_photo_tensor(160, 120, s) for s in range(5)]
     boxes = [(0, 0, 120, 160), (10, 10, 50, 60), (0, 40, 100, 100), (20, 0, 90, 120), (0, 0, 30, 30)]
     whole = gpu.resized_crops(images, boxes, 32, [False, True, False, True, False])
-    monkeypatch.setattr(gpu, "PAD_BUDGET", 3 * 4 * 120 * 160)  # room for one padded image at a time
-    assert gpu._chunks([(b[2], b[3]) for b in boxes], gpu.PAD_BUDGET // 12) == [(i, i + 1) for i in range(5)]
+    monkeypatch.setattr(gpu, "PAD_BYTES", 3 * 4 * 120 * 160)  # room for one padded image at a time
+    assert gpu._chunks([(b[2], b[3]) for b in boxes], gpu.PAD_BYTES // 12) == [(i, i + 1) for i in range(5)]
     assert torch.equal(gpu.resized_crops(images, boxes, 32, [False, True, False, True, False]), whole)
 
 

@@ -92,7 +92,7 @@ def crop_params(img: torch.Tensor, scale=(0.08, 1.0), ratio=RATIO) -> tuple[int,
     return RandomResizedCropAndInterpolation.get_params(img, scale, ratio)
 
 
-PAD_BUDGET = 2**28  # elements of one padded float chunk (1 GiB): bounds memory when a batch has huge images
+PAD_BYTES = 2**30  # one padded float32 chunk at most (1 GiB): bounds memory when a batch has huge images
 
 
 def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], size: int,
@@ -110,7 +110,7 @@ def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, int, int, i
     mirrors = on_device(flips, torch.bool, device)[:, None]
     k = max(1, min(4, math.ceil(max(max(b[2], b[3]) for b in boxes) / size)))
     out = torch.empty(n, images[0].shape[0], size, size, dtype=torch.uint8, device=device)
-    for lo, hi in _chunks([(b[2], b[3]) for b in boxes], PAD_BUDGET // (3 * 4)):
+    for lo, hi in _chunks([(b[2], b[3]) for b in boxes], PAD_BYTES // (3 * 4)):
         ph, pw = max(b[2] for b in boxes[lo:hi]), max(b[3] for b in boxes[lo:hi])
         padded = images[0].new_zeros(hi - lo, images[0].shape[0], ph, pw)
         for row, (img, (top, left, bh, bw)) in enumerate(zip(images[lo:hi], boxes[lo:hi])):
