@@ -127,7 +127,7 @@ def run_fixres(tiny_params, tmp_path, monkeypatch, compile: bool) -> Classifier:
                             **models.data_config(model, variant, SIZE))
     models.save_bundle(model, spec, tmp_path / "trained")
     seen = {}
-    monkeypatch.setattr(fixres, "ShardDataModule", lambda *a, **k: None)
+    monkeypatch.setattr(fixres, "shard_data", lambda *a, **k: None)
     monkeypatch.setattr(fixres, "fit", lambda module, dm, cfg, *a, **k: seen.update(module=module))
     train = tiny_params.train.model_copy(update={"compile": compile, "channels_last": True})
     params = tiny_params.model_copy(update={"train": train})

@@ -16,8 +16,7 @@ from timm.layers import BatchNormAct2d
 from effnet import models
 from effnet.config import Params
 from effnet.data import transforms
-from effnet.data.stream import ShardDataModule
-from effnet.train import Classifier, device_feed, fit, on_for
+from effnet.train import Classifier, fit, shard_data, speedups
 
 TRAINABLE = ["classifier", "bn2"]  # timm EfficientNet: the head and the BatchNorm right before pooling
 
@@ -53,16 +52,12 @@ def run(params: Params, variant_key: str, shards: Path, trained: Path, out: Path
     model.bn2.reset_running_stats()  # re-estimate from scratch, as the exact mean over the batches
     model.bn2.momentum = None
     model.bn2.__class__ = ExactMeanBatchNormAct2d
-    channels_last = on_for(params.train.channels_last, params.train)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    dm = ShardDataModule(shards, transforms.fixres_transform(dc, uint8=True), transforms.eval_transform(dc, uint8=True),
-                         cfg.batch_size, params.data.num_workers, params.data.shuffle_buffer,
-                         device_feed(params, dc, channels_last, augment=False), cfg.seed)
+    dm = shard_data(params, shards, dc, transforms.fixres_transform(dc, uint8=True), cfg.batch_size, cfg.seed,
+                    augment=False)
     module = Classifier(model, len(spec.classes), dict(opt="momentum", lr=cfg.lr, momentum=cfg.momentum,
                                                        weight_decay=0.0),
                         schedule=None, label_smoothing=0.0, trainable=TRAINABLE + cfg.unfreeze,
-                        compile=on_for(params.train.compile, params.train))
+                        **speedups(params.train))
     train_cfg = params.train.model_copy(update={"seed": cfg.seed})
     fit(module, dm, train_cfg, cfg.epochs, params.mlflow.experiment, f"fixres@{variant_key}",
         {**cfg.model_dump(), "img_size": size, "train_img_size": train_size, "trainable": TRAINABLE + cfg.unfreeze})

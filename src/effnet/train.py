@@ -40,13 +40,16 @@ class Classifier(pl.LightningModule):
     """Cross-entropy training of `model`. With `trainable` set, only those submodules learn and run in train
     mode (BatchNorm statistics update); the rest stays frozen in eval mode. With `ema_decay`, an exponential
     moving average of the weights (timm's ModelEmaV3, decay warmed up from 0) follows every optimizer step and is
-    the model validated (`eval_model`); it is a submodule, so checkpoints carry it. With `compile`, the model's
-    forward is torch.compile'd in place (state_dict keys unchanged), after the EMA has copied it."""
+    the model validated (`eval_model`); it is a submodule, so checkpoints carry it. With `channels_last`, the
+    model (and so its EMA copy) is converted to NHWC; with `compile`, its forward is torch.compile'd in place
+    (state_dict keys unchanged), after the EMA has copied it. `speedups` gives both from the train config."""
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: dict, schedule: dict | None,
                  label_smoothing: float, trainable: list[str] | None = None, ema_decay: float | None = None,
-                 compile: bool = False):
+                 compile: bool = False, channels_last: bool = False):
         super().__init__()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # in place
         self.model, self.optimizer, self.schedule, self.trainable = model, optimizer, schedule, trainable
         self.ema = None if ema_decay is None else ModelEmaV3(model, decay=ema_decay, use_warmup=True)
         self.nonfinite: torch.Tensor | None = None  # on the device: did any loss since the last check overflow?
@@ -169,6 +172,21 @@ def on_for(setting: bool | str, cfg: TrainConfig) -> bool:
     return gpu.cuda_usable(cfg.accelerator) if setting == "auto" else bool(setting)
 
 
+def speedups(cfg: TrainConfig) -> dict[str, bool]:
+    """Classifier's compile and channels_last settings from the train config (`auto`: on with CUDA)."""
+    return dict(compile=on_for(cfg.compile, cfg), channels_last=on_for(cfg.channels_last, cfg))
+
+
+def shard_data(params: Params, shards: Path, dc: dict, train_tf, batch_size: int, seed: int,
+               augment: bool = True) -> ShardDataModule:
+    """A stage's DataModule: the workers' uint8 transforms (TRAIN_TF for training, timm's eval transform for
+    validation) and the device half of the configured data path (`device_feed`)."""
+    channels_last = on_for(params.train.channels_last, params.train)
+    return ShardDataModule(shards, train_tf, transforms.eval_transform(dc, uint8=True), batch_size,
+                           params.data.num_workers, params.data.shuffle_buffer,
+                           device_feed(params, dc, channels_last, augment), seed)
+
+
 def device_feed(params: Params, dc: dict, channels_last: bool, augment: bool = True) -> gpu.DeviceFeed:
     """The device half of the configured data path (`data.decode`; the CPU path where there is no CUDA). With
     augment=False, training batches get the eval preprocessing plus a flip (FixRes)."""
@@ -278,13 +296,8 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
         nn.init.normal_(model.get_classifier().weight, std=0.01)
         nn.init.zeros_(model.get_classifier().bias)
     dc = models.data_config(model, variant, cfg.img_size)
-    channels_last = on_for(cfg.channels_last, cfg)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    feed = device_feed(params, dc, channels_last)
-    dm = ShardDataModule(shards, transforms.train_transform(dc, cfg.auto_augment, cfg.crop_scale, uint8=True),
-                         transforms.eval_transform(dc, uint8=True), cfg.batch_size, params.data.num_workers,
-                         params.data.shuffle_buffer, feed, cfg.seed)
+    dm = shard_data(params, shards, dc, transforms.train_transform(dc, cfg.auto_augment, cfg.crop_scale, uint8=True),
+                    cfg.batch_size, cfg.seed)
     devices = cfg.devices if isinstance(cfg.devices, int) else 1
     global_batch = cfg.batch_size * devices * cfg.num_nodes
     lr = cfg.lr or recipe.lr * global_batch / recipe.batch_size  # linear scaling rule from the card's batch
@@ -296,11 +309,11 @@ def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
                     warmup_epochs=cfg.warmup_epochs, warmup_lr=lr * 0.01)
     smoothing = recipe.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
     module = Classifier(model, len(classes), optimizer, schedule, smoothing, ema_decay=cfg.ema_decay,
-                        compile=on_for(cfg.compile, cfg))
+                        **speedups(cfg))
     checkpoints = Path(cfg.checkpoint_dir) / variant_key
     fit(module, dm, cfg, cfg.epochs, params.mlflow.experiment, f"train@{variant_key}",
         {**cfg.model_dump(), "variant": variant.name, "lr_scaled": lr, "global_batch": global_batch,
-         "img_size": dc["img_size"], "num_classes": len(classes), "decode": "gpu" if feed.decodes else "cpu"}, checkpoints=checkpoints)
+         "img_size": dc["img_size"], "num_classes": len(classes), "decode": "gpu" if dm.feed.decodes else "cpu"}, checkpoints=checkpoints)
     spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
                             phi=variant.phi, classes=classes, **dc)
     models.save_bundle(module.eval_model, spec, out)  # the EMA weights when there is an EMA

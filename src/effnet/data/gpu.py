@@ -18,6 +18,7 @@ tests check them. Where CUDA is absent, `resolve_decode` falls back to the CPU p
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -129,6 +130,13 @@ def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, int, int, i
     return out
 
 
+@functools.cache
+def _scaled_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """255 * mean and 255 * std as (1, C, 1, 1) tensors on `device`: made once, not per batch."""
+    return tuple(on_device([v * 255 for v in values], torch.float32, device).view(1, -1, 1, 1)
+                 for values in (mean, std))
+
+
 def on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small per-batch list as a tensor on `device`, copied from pinned memory without blocking: a plain
     torch.tensor(..., device="cuda") would wait for the stream's earlier work."""
@@ -171,7 +179,7 @@ def resize_center_crop(img: torch.Tensor, size: int, crop_pct: float, interpolat
 
 def normalize(x: torch.Tensor, mean, std, channels_last: bool = True) -> torch.Tensor:
     """uint8 NCHW -> float32 (x / 255 - mean) / std, optionally in channels_last memory format."""
-    m, s = (on_device([v * 255 for v in values], torch.float32, x.device).view(1, -1, 1, 1) for values in (mean, std))
+    m, s = _scaled_stats(tuple(mean), tuple(std), x.device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.to(dtype=torch.float32, memory_format=memory_format).sub_(m).div_(s)
 
