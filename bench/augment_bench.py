@@ -1,6 +1,6 @@
 """The GPU train path's cost per batch, per-image loops against the batched ops that replaced them: random-resized
 crop + flip (torchvision's resized_crop per image, bicubic antialiased, vs `gpu.resized_crops`, from images twice
-the output size), and auto-augmentation (`gpu.augmenter(policy)` per image vs `BatchAugment`).
+the output size), and auto-augmentation (`batch_augment.augmenter(policy)` per image vs `BatchAugment`).
 
     PYTHONPATH=src python bench/augment_bench.py                       # CUDA if available, else CPU
     python bench/augment_bench.py --device cpu --size 64 --iters 5
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the project, when not installed
-from effnet.data import gpu  # noqa: E402
+from effnet.data import batch_augment, gpu  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 from effnet.data.batch_augment import BatchAugment  # noqa: E402
 
@@ -80,7 +80,7 @@ def main() -> None:
         print(f"{'crop + flip':18} {n:5d} {loop * 1e3:18.1f} {fast * 1e3:16.1f} {loop / fast:8.1f}x")
     for policy in args.policies:
         batched = BatchAugment(policy)
-        per_image = gpu.augmenter(policy)  # the transform gpu.py applies image by image
+        per_image = batch_augment.augmenter(policy)  # the transform gpu.py applies image by image
         for n in args.batches:
             x = images(n, args.size, device)
             loop = seconds_per_batch(lambda b: torch.stack([per_image(img) for img in b]), x, args.warmup, args.iters)

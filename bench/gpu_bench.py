@@ -23,7 +23,6 @@ repeated (decode work per sample is the same; disk caching is not what is measur
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -32,7 +31,6 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
@@ -48,21 +46,14 @@ from timm.data import create_dataset, create_loader  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from torch import nn  # noqa: E402
 
-# The bench logs nothing: where MLflow or pandas is not installed (a bare GPU machine), stand in for them and for
-# effnet.tracking, which effnet's stage modules import for their logging (not used here). Needed beyond
-# torch/torchvision/timm/lightning: webdataset and pydantic (`pip install webdataset pydantic`), and the project on
-# the path (PYTHONPATH=src).
-for logging_only in ("mlflow", "pandas"):  # imported by effnet's stage modules for their logging
-    try:
-        importlib.import_module(logging_only)
-    except ImportError:
-        sys.modules[logging_only] = types.ModuleType(logging_only)
-        sys.modules["effnet.tracking"] = types.ModuleType("effnet.tracking")
-
-from effnet import evaluate, models, variants  # noqa: E402
+# Needed beyond torch/torchvision/timm/lightning: webdataset and pydantic (`pip install webdataset pydantic`), and
+# the project on the path (PYTHONPATH=src); MLflow is not (the bench logs nothing).
+from effnet import inference, models, variants  # noqa: E402
 from effnet.config import ShardConfig  # noqa: E402
-from effnet.data import gpu, shard, stream, transforms  # noqa: E402
-from effnet.train import Classifier  # noqa: E402
+from effnet.data import feed, stream, transforms  # noqa: E402
+from effnet.data.manifest import read_manifest  # noqa: E402
+from effnet.lightning import Classifier  # noqa: E402
+from effnet.stages import shard  # noqa: E402
 
 CONFIGS = {"b0": ("tf_efficientnet_b0", 224, 256), "b4": ("tf_efficientnet_b4", 380, 64)}
 OPT = dict(opt="rmsproptf", lr=0.01, momentum=0.9, alpha=0.9, eps=1e-3, weight_decay=1e-5)
@@ -171,17 +162,17 @@ class Bench:
 
     # -- effnet train end to end ---------------------------------------------------------------------------------
     def effnet_train(self, name, size, b, decode, shards, compiled):
-        classes = len(stream.read_manifest(shards)["classes"])
+        classes = len(read_manifest(shards)["classes"])
         variant = self.variant(name)
         model = models.build(variant, classes)
-        dc = models.data_config(model, variant, size)
+        pre = models.preprocessing(model, variant, size)
         if self.cuda:
             model = model.to(memory_format=torch.channels_last)
-        feed = gpu.GpuPreprocess(dc, "original", (0.08, 1.0), channels_last=self.cuda) if decode == "gpu" \
-            else gpu.DeviceFeed(dc["mean"], dc["std"], channels_last=self.cuda)
-        dm = stream.ShardDataModule(shards, transforms.train_transform(dc, "original", uint8=True),
-                                    transforms.eval_transform(dc, uint8=True), b, self.args.workers,
-                                    self.args.shuffle_buffer, feed)
+        fed = feed.GpuPreprocess(pre, "original", (0.08, 1.0), channels_last=self.cuda) if decode == "gpu" \
+            else feed.DeviceFeed(pre.mean, pre.std, channels_last=self.cuda)
+        dm = stream.ShardDataModule(shards, transforms.train_transform(pre, "original", uint8=True),
+                                    transforms.eval_transform(pre, uint8=True), b, self.args.workers,
+                                    self.args.shuffle_buffer, fed)
         module = Classifier(model, classes, dict(OPT), None, 0.1, ema_decay=0.9999, compile=compiled)
         warm, steps = self.args.warmup, self.args.steps
         timing = {}
@@ -235,12 +226,12 @@ class Bench:
     def effnet_eval(self, name, size, b, decode, shards):
         """The evaluate stage's own `accuracy` (device feed, prefetch thread, bf16, channels_last, eager), timed
         from the end of its first batch (warm-up: the loader workers start) to its end."""
-        classes = len(stream.read_manifest(shards)["classes"])
+        classes = len(read_manifest(shards)["classes"])
         variant = self.variant(name)
         model = self.model(name, classes).eval()
-        dc = models.data_config(model, variant, size)
-        feed = gpu.GpuPreprocess(dc, channels_last=self.cuda) if decode == "gpu" \
-            else gpu.DeviceFeed(dc["mean"], dc["std"], channels_last=self.cuda)
+        pre = models.preprocessing(model, variant, size)
+        fed = feed.GpuPreprocess(pre, channels_last=self.cuda) if decode == "gpu" \
+            else feed.DeviceFeed(pre.mean, pre.std, channels_last=self.cuda)
         timing = {"seen": 0}
         first_forward = model.forward
 
@@ -253,7 +244,7 @@ class Bench:
                 timing["seen"] += x.shape[0]
             return out
         model.forward = forward
-        evaluate.accuracy(model, dc, shards, b, self.args.workers, feed=feed, device=self.device)
+        inference.accuracy(model, pre, shards, b, self.args.workers, feed=fed, device=self.device)
         self.sync()
         if not timing["seen"]:
             raise RuntimeError("too few val batches: raise --unique-val or --repeat-val")

@@ -21,9 +21,12 @@ from common import make_image_folder, print_rates  # noqa: E402
 from timm.data import create_dataset, create_loader  # noqa: E402
 
 from effnet.config import ShardConfig  # noqa: E402
-from effnet.data import shard, stream, transforms  # noqa: E402
+from effnet.data import stream, transforms  # noqa: E402
+from effnet.models import Preprocessing  # noqa: E402
+from effnet.stages import shard  # noqa: E402
 
-DC = dict(img_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+PRE = Preprocessing(img_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+                    std=(0.229, 0.224, 0.225))
 
 
 def rate(loader, n: int) -> float:
@@ -55,7 +58,7 @@ def main() -> None:
         timm_loader = create_loader(create_dataset("", root=str(src / "train")), input_size=(3, 224, 224),
                                     batch_size=args.batch, is_training=True, auto_augment="original",
                                     interpolation="bicubic", num_workers=0, use_prefetcher=False)
-        tf = transforms.train_transform(DC, "original", uint8=True)  # as `effnet train` runs it
+        tf = transforms.train_transform(PRE, "original", uint8=True)  # as `effnet train` runs it
         rows = [("timm create_loader, ImageFolder", rate(timm_loader, n))]
         for name, where, draft in [("shards, copy", "copy", None), ("shards, copy + draft decode", "copy", 224),
                                    (f"shards, max_side {args.max_side}", "side", None)]:

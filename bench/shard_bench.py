@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import make_image_folder, print_rates  # noqa: E402
 
 from effnet.config import ShardConfig  # noqa: E402
-from effnet.data import shard  # noqa: E402
+from effnet.stages import shard  # noqa: E402
 
 
 def timed(fn) -> float:

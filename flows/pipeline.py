@@ -20,12 +20,13 @@ import json
 import os
 import subprocess
 import sys
+from io import StringIO
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.concurrency.sync import concurrency
 
-from effnet import config
+from effnet import config, env, io
 
 SHARED_STAGES = ["demo-data", "shard"]
 VARIANT_STAGES = ["train", "fixres", "evaluate", "register"]
@@ -36,14 +37,12 @@ def stage_env() -> dict[str, str]:
     MLflow runs with this flow run."""
     from prefect.runtime import flow_run
 
-    env = os.environ.copy()
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    environ = os.environ.copy()  # with env.configure()'s offline defaults
+    environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}"
     if flow_run.id:
-        env["EFFNET_PIPELINE_RUN"] = str(flow_run.id)
-        env["EFFNET_PIPELINE_RUN_NAME"] = str(flow_run.name)
-    return env
+        environ["EFFNET_PIPELINE_RUN"] = str(flow_run.id)
+        environ["EFFNET_PIPELINE_RUN_NAME"] = str(flow_run.name)
+    return environ
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="dvc repro {target}")
@@ -70,10 +69,9 @@ def apply_overrides(params_file: Path, overrides: list[str]) -> None:
     doc = rt.load(params_file.read_text())
     for assignment in overrides:
         config._override(doc, assignment)
-    tmp = params_file.with_name(params_file.name + ".tmp")
-    with tmp.open("w") as f:
-        rt.dump(doc, f)
-    os.replace(tmp, params_file)
+    text = StringIO()
+    rt.dump(doc, text)
+    io.write_atomic(params_file, text.getvalue())
 
 
 def workspace_limit(workspace: str) -> str:
@@ -98,6 +96,7 @@ def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides:
 
     variants: keys of `variants:` in params.yaml (default: all). overrides: `section.key=value` written into
     params.yaml first (e.g. `train.epochs=3`)."""
+    env.configure()
     log = get_run_logger()
     params_file = Path(workspace) / "params.yaml"
     params = config.load(params_file, overrides or [])  # bad override or params: fail before any work

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny params and data, built once per session with the real stages; every test runs in a
+"""Shared fixtures: tiny params and data, built once per session with the real stages; the tiny pipeline, run once per
+session through the Prefect flow and `dvc repro`, for every test that needs a finished pipeline; every test runs in a
 temporary workspace so MLflow's embedded store and DVC state never touch the repo."""
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from effnet import env
+
 REPO = Path(__file__).resolve().parents[1]
 
-# Offline and local, as `make` sets them; stages started as subprocesses find `effnet` beside this python.
-os.environ.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+# Offline and local, as the CLI sets them up; stages started as subprocesses find `effnet` beside this python.
+env.configure()
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
@@ -58,18 +62,50 @@ def tiny_params(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory, tiny_params):
-    from effnet.data import demo
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    demo.run(tiny_params.demo_data, out)
-    return out
+    from effnet.stages import demo_data
+    return demo_data.run(tiny_params.demo_data, tmp_path_factory.mktemp("demo") / "demo").out
 
 
 @pytest.fixture(scope="session")
 def shards_dir(tmp_path_factory, tiny_params, demo_dir):
-    from effnet.data import shard
-    out = tmp_path_factory.mktemp("shards") / "shards"
-    shard.run(tiny_params.shard, demo_dir, out)
-    return out
+    from effnet.stages import shard
+    return Path(shard.run(tiny_params.shard, demo_dir, tmp_path_factory.mktemp("shards") / "shards").out)
+
+
+@dataclass
+class Pipeline:
+    """A workspace where the whole tiny pipeline has run, and what the flow returned."""
+
+    repo: Path
+    metrics: dict
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.repo / 'mlflow.db'}"
+
+    def copy(self, dest: Path) -> Path:
+        """A copy of the workspace (git, DVC cache, MLflow store), for a test that changes it."""
+        shutil.copytree(self.repo, dest, symlinks=True)
+        return dest
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """The tiny pipeline, run once per session as a user runs it: the Prefect flow in a fresh git repo (a clone of
+    this one with the tiny params), each stage a `dvc repro` of dvc.yaml. Tests read it; a test that would change
+    it works on `pipeline.copy(...)`."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline as flow
+
+    repo = git_workspace(tmp_path_factory.mktemp("pipeline"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(repo)
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # tiny stages: sample often enough to log
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+        with prefect_test_harness():
+            metrics = flow(workspace=str(repo))
+    return Pipeline(repo, metrics)
 
 
 @pytest.fixture

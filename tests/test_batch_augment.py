@@ -1,4 +1,4 @@
-"""BatchAugment against the per-image torchvision transforms it replaces (`gpu.augmenter`): each batched op equals
+"""BatchAugment against the per-image torchvision transforms it replaces (`batch_augment.augmenter`): each batched op equals
 torchvision's op image by image, the sampler draws what torchvision's transforms draw, and the number of torch ops
 per batch does not grow with the batch size."""
 from __future__ import annotations
@@ -12,11 +12,11 @@ from matplotlib import cbook
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from effnet.data import gpu
+from effnet.data import batch_augment
 from effnet.data.batch_augment import OP_NAMES, BatchAugment
 
 MEAN = (0.485, 0.456, 0.406)
-FILL = [min(255, round(255 * m)) for m in MEAN]  # (124, 116, 104), as gpu.augmenter
+FILL = [min(255, round(255 * m)) for m in MEAN]  # (124, 116, 104), as batch_augment.augmenter
 H, W = 40, 56  # not square, so that a mix-up of height and width shows
 
 
@@ -199,7 +199,7 @@ def test_autoaugment_sampler_draws_what_torchvision_draws():
     """Per image, the sequence of (op, signed magnitude) calls (so the pairing of the two ops of a sub-policy
     counts too): frequencies of torchvision's transform vs the batch sampler."""
     torch.manual_seed(2)
-    tv = recorded_torchvision_calls(gpu.augmenter("original", MEAN), N)
+    tv = recorded_torchvision_calls(batch_augment.augmenter("original", MEAN), N)
     want = frequencies([tuple((name, round(m, 4)) for name, m in calls) for calls in tv], N)
     plan = BatchAugment("original").sample(N, H, W)
     got = frequencies([tuple((OP_NAMES[k], round(m, 4)) for k, m in calls if k >= 0)
@@ -211,7 +211,7 @@ def test_autoaugment_sampler_draws_what_torchvision_draws():
 def test_randaugment_sampler_draws_what_torchvision_draws():
     """Slot by slot: uniform over the 14 ops (Identity included), magnitude bin M of 11, random sign."""
     torch.manual_seed(3)
-    tv = recorded_torchvision_calls(gpu.augmenter("rand-m9-mstd0.5", MEAN), N)
+    tv = recorded_torchvision_calls(batch_augment.augmenter("rand-m9-mstd0.5", MEAN), N)
     want = frequencies([(s, name, round(m, 4)) for calls in tv for s, (name, m) in enumerate(calls)
                         if name != "Identity"], N)
     aug = BatchAugment("rand-m9-mstd0.5")

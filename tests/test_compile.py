@@ -29,9 +29,10 @@ import torch._dynamo as dynamo
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from effnet import fixres, models, variants
-from effnet.fixres import TRAINABLE
-from effnet.train import Classifier
+from effnet import models, variants
+from effnet.lightning import Classifier
+from effnet.stages import fixres
+from effnet.stages.fixres import TRAINABLE
 
 CLASSES, BATCH, SIZE = 4, 8, 32
 FIXRES_SIZE = round(SIZE * 1.25)  # params.yaml's fixres.scale
@@ -117,23 +118,19 @@ def fixres_setup(model: nn.Module) -> Classifier:
     return module
 
 
-def run_fixres(tiny_params, tmp_path, monkeypatch, compile: bool) -> Classifier:
-    """fixres.run on a freshly trained-size bundle, as the pipeline runs it (its own process: Dynamo empty),
-    with channels_last and train.compile forced on or off; the data module and the Lightning fit are stubbed:
-    returns the module fixres.run hands to fit, in the train-epoch state Lightning puts it in."""
+def run_fixres(tiny_params, tmp_path, compile: bool) -> Classifier:
+    """The module the fixres stage fine-tunes (`fixres.prepare`) on a freshly trained-size bundle, as the pipeline
+    runs it, with channels_last and train.compile forced on or off, in the train-epoch state Lightning puts it in."""
     model = tiny()
     variant = variants.resolve(phi=-6)
     spec = models.ModelSpec(variant="tiny", phi=-6, classes=[f"c{i}" for i in range(CLASSES)],
-                            **models.data_config(model, variant, SIZE))
+                            preprocessing=models.preprocessing(model, variant, SIZE))
     models.save_bundle(model, spec, tmp_path / "trained")
-    seen = {}
-    monkeypatch.setattr(fixres, "shard_data", lambda *a, **k: None)
-    monkeypatch.setattr(fixres, "fit", lambda module, dm, cfg, *a, **k: seen.update(module=module))
     train = tiny_params.train.model_copy(update={"compile": compile, "channels_last": True})
     params = tiny_params.model_copy(update={"train": train})
-    assert fixres.fixres_size(params, SIZE) == FIXRES_SIZE
-    fixres.run(params, "tiny", tmp_path / "shards", tmp_path / "trained", tmp_path / "fixres")
-    module = seen["module"]
+    tuning = fixres.prepare(params, tmp_path / "trained")
+    assert tuning.spec.img_size == FIXRES_SIZE
+    module = tuning.module
     module.train()
     module.on_train_epoch_start()
     return module
@@ -171,7 +168,7 @@ def test_fixres_frozen_setup_is_one_graph():
 
 
 def test_fixres_run_forward_is_one_graph(tiny_params, tmp_path, monkeypatch):
-    module = run_fixres(tiny_params, tmp_path, monkeypatch, compile=False)
+    module = run_fixres(tiny_params, tmp_path, compile=False)
     assert_one_graph(module.model, images(BATCH, FIXRES_SIZE))
 
 
@@ -250,7 +247,7 @@ def test_lightning_fit_compiles_once_per_shape_and_mode(graphs, ema, tmp_path):
 def test_fixres_stage_compiles_once_at_its_resolution(graphs, tiny_params, tmp_path, monkeypatch):
     """The pipeline's FixRes: a process of its own compiling the trained model at round(SIZE * 1.25) in its frozen
     setup: one graph for its training batches, epoch after epoch."""
-    module = run_fixres(tiny_params, tmp_path, monkeypatch, compile=True)
+    module = run_fixres(tiny_params, tmp_path, compile=True)
     assert len(graphs.calls) == 1
     model = module.model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)

@@ -8,7 +8,8 @@ import sys
 import mlflow
 
 from effnet import models
-from effnet.data import shard
+from effnet.data.manifest import read_manifest
+from effnet.stages import shard
 from tests.conftest import write_tiny_params
 
 
@@ -22,13 +23,13 @@ def test_ddp_two_cpu_processes_train_one_model_logged_once(tiny_params, demo_dir
                             cwd=workspace, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     model, spec = models.load_bundle(workspace / "trained")
-    assert spec.classes == shard.read_manifest(workspace / "shards")["classes"]
+    assert spec.classes == read_manifest(workspace / "shards")["classes"]
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("effnet")
     found = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'train@tiny'")
     assert len(found) == 1, "only rank 0 logs"
     run = found[0]
     assert int(run.data.params["global_batch"]) == 2 * tiny_params.train.batch_size
-    total = shard.read_manifest(workspace / "shards")["splits"]["train"]["total"]
+    total = read_manifest(workspace / "shards")["splits"]["train"]["total"]
     steps = client.get_metric_history(run.info.run_id, "train/loss")
     assert max(m.step for m in steps) + 1 == 2 * (total // (2 * tiny_params.train.batch_size))

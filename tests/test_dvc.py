@@ -1,4 +1,4 @@
-"""DVC as users work with it, on one `dvc repro` of the tiny pipeline in a fresh git repo: `dvc push` to the default
+"""DVC as users work with it, on the session's tiny pipeline run (a copy of its workspace): `dvc push` to the default
 local remote, then `git clone` + `dvc pull` restores data, models and metrics byte for byte; `dvc metrics show`,
 `dvc plots show` (resolution sweep and confusion matrix) and `dvc exp run -S train.epochs=2` work."""
 from __future__ import annotations
@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.conftest import git_workspace
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 RESTORED = ["data/demo", "data/shards", "models/tiny/trained", "models/tiny/fixres", "models/tiny/registered.json",
@@ -35,10 +33,9 @@ def digests(root: Path, rel: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory):
-    """The tiny pipeline reproduced once, its results committed to git and pushed to the default remote."""
-    repo = git_workspace(tmp_path_factory.mktemp("dvc"))
-    ok(dvc("repro", cwd=repo))
+def pushed(tmp_path_factory, pipeline):
+    """The tiny pipeline's workspace (a copy), its results committed to git and pushed to the default remote."""
+    repo = pipeline.copy(tmp_path_factory.mktemp("dvc") / "repo")
     subprocess.run(GIT + ["add", "-A"], cwd=repo, check=True)
     subprocess.run(GIT + ["commit", "-qm", "repro"], cwd=repo, check=True)
     ok(dvc("push", cwd=repo))

@@ -8,12 +8,13 @@ from pathlib import Path
 import mlflow
 import torch
 
-from effnet import evaluate, models
-from effnet.data import shard
+from effnet import inference, models
+from effnet.data.manifest import read_manifest
+from effnet.stages import evaluate
 
 
 def test_class_stats_confusion_precision_recall_and_dvc_rows():
-    stats = evaluate.ClassStats(["a", "b", "c"])
+    stats = inference.ClassStats(["a", "b", "c"])
     y = torch.tensor([0, 0, 0, 1, 1, 2])
     pred = torch.tensor([0, 0, 1, 1, 1, 1])  # c is never predicted, b is predicted for one a and the c
     for metric in stats.metrics:
@@ -39,13 +40,14 @@ def test_evaluate_sweeps_both_models_and_writes_plot_and_png(tiny_params, shards
     bundles = {}
     for label, size in (("trained", 32), ("fixres", 40)):  # untrained weights: the sweep's plumbing, not accuracy
         model = models.build(variant, num_classes=4)
-        dc = models.data_config(model, variant, size)
-        spec = models.ModelSpec(variant="tiny", phi=-6, classes=list("abcd"), **dc)
+        spec = models.ModelSpec(variant="tiny", phi=-6, classes=list("abcd"),
+                                preprocessing=models.preprocessing(model, variant, size))
         models.save_bundle(model, spec, workspace / label)
         bundles[label] = workspace / label
     sweep = tiny_params.evaluate.model_copy(update={"sweep": [0.75, 1.5]})
     params = tiny_params.model_copy(update={"evaluate": sweep})
-    metrics = evaluate.run(params, "tiny", shards_dir, bundles, workspace / "metrics.json")
+    result = evaluate.run(params, "tiny", shards_dir, bundles, workspace / "metrics.json")
+    metrics = result.metrics
     assert json.loads((workspace / "metrics.json").read_text()) == metrics
     assert {label: set(m) for label, m in metrics.items()} == dict.fromkeys(bundles, {"res32", "res40"})
     rows = json.loads((workspace / "plots/tiny_resolution.json").read_text())
@@ -55,13 +57,13 @@ def test_evaluate_sweeps_both_models_and_writes_plot_and_png(tiny_params, shards
         if row["resolution"] in (32, 40):
             assert row["trained"] == metrics["trained"][f"res{row['resolution']}"]["top1"]
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("effnet").experiment_id])[0]
+    run = client.get_run(result.run_id)
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
         "confusion_fixres_res40.png", "manifest.json", "per_class_fixres_res40.csv", "per_class_fixres_res40.json",
         "tiny_resolution.png"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "sweep.fixres.top1")] == [24, 32, 40, 48]
     # The final (fixres) model at its resolution: DVC confusion rows, per-class table, manifest, system metrics.
-    manifest = shard.read_manifest(shards_dir)
+    manifest = read_manifest(shards_dir)
     confusion = json.loads((workspace / "plots/confusion/tiny.json").read_text())
     assert len(confusion) == manifest["splits"]["val"]["total"]
     assert all(set(r) == {"actual", "predicted"} and {r["actual"], r["predicted"]} <= set("abcd") for r in confusion)
@@ -84,7 +86,7 @@ def test_exact_mean_batchnorm_matches_momentum_none_and_keeps_the_state_dict():
     """fixres.ExactMeanBatchNormAct2d (tensors only, so torch.compile traces it) = timm's BatchNormAct2d with
     momentum=None: the running statistics are the exact mean over the batches seen, outputs and gradients equal."""
     from timm.layers import BatchNormAct2d
-    from effnet.fixres import ExactMeanBatchNormAct2d
+    from effnet.stages.fixres import ExactMeanBatchNormAct2d
     torch.manual_seed(0)
     ref = BatchNormAct2d(6, momentum=None)
     ours = BatchNormAct2d(6, momentum=None)

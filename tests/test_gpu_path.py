@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from effnet import train
-from effnet.data import gpu, stream, transforms
+from effnet import lightning
+from effnet.data import batch_augment, feed, gpu, stream, transforms
+from effnet.models import Preprocessing
+from effnet.stages import train
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-DC224 = dict(img_size=224, crop_pct=0.875, interpolation="bicubic", **IMAGENET)
+PRE224 = Preprocessing(img_size=224, crop_pct=0.875, interpolation="bicubic", **IMAGENET)
 
 
 def photo_jpeg(w: int, h: int, seed: int, quality: int = 90) -> bytes:
@@ -34,7 +36,7 @@ def batch_of(jpegs: list[bytes]) -> list:
     return gpu.collate_jpeg([(b, i) for i, b in enumerate(jpegs)])
 
 
-def preprocess(pre: gpu.DeviceFeed, jpegs: list[bytes], train: bool) -> torch.Tensor:
+def preprocess(pre: feed.DeviceFeed, jpegs: list[bytes], train: bool) -> torch.Tensor:
     return pre(batch_of(jpegs), train, "cpu")[0]
 
 
@@ -42,42 +44,36 @@ def preprocess(pre: gpu.DeviceFeed, jpegs: list[bytes], train: bool) -> torch.Te
 
 def test_resolve_decode_falls_back_to_cpu_with_one_warning(caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="effnet.data.gpu"):
-        assert gpu.resolve_decode("cpu") == "cpu"
+    with caplog.at_level(logging.WARNING, logger="effnet.data.feed"):
+        assert feed.resolve_decode("cpu") == "cpu"
         assert not caplog.records
-        assert gpu.resolve_decode("gpu", "auto") == "cpu"
+        assert feed.resolve_decode("gpu", "auto") == "cpu"
     assert len(caplog.records) == 1 and "decoding and augmenting on the CPU" in caplog.records[0].getMessage()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # CUDA there, but the Trainer runs on a TPU
-    assert gpu.resolve_decode("gpu", "tpu") == "cpu"
-    assert gpu.resolve_decode("gpu", "auto") == "gpu"
+    assert feed.resolve_decode("gpu", "tpu") == "cpu"
+    assert feed.resolve_decode("gpu", "auto") == "gpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
-def test_train_with_decode_gpu_and_no_cuda_uses_the_cpu_path(tiny_params, shards_dir, workspace, monkeypatch,
-                                                              caplog):
-    seen = {}
-    real_fit = train.fit
-
-    def spy(module, dm, *args, **kwargs):
-        seen["dm"] = dm
-        return real_fit(module, dm, *args, **kwargs)
-
-    monkeypatch.setattr(train, "fit", spy)
+def test_train_with_decode_gpu_and_no_cuda_uses_the_cpu_path(tiny_params, shards_dir, workspace, caplog):
     params = tiny_params.model_copy(update={"data": tiny_params.data.model_copy(update={"decode": "gpu"}),
                                             # channels_last forced on: a CPU run must take that too
                                             "train": tiny_params.train.model_copy(update={"channels_last": True})})
-    with caplog.at_level(logging.WARNING, logger="effnet.data.gpu"):
-        out = train.run(params, "tiny", shards_dir, workspace / "trained")
-    warned = [r for r in caplog.records if r.name == "effnet.data.gpu"]
-    assert len(warned) == 1 and "data.decode: gpu" in warned[0].getMessage()
-    feed = seen["dm"].feed
-    assert type(feed) is gpu.DeviceFeed and not feed.decodes and feed.channels_last is True
-    assert (out / "model.safetensors").is_file()
+    with caplog.at_level(logging.WARNING, logger="effnet.data.feed"):
+        result = train.run(params, "tiny", shards_dir, workspace / "trained")
+        pre = result.spec.preprocessing
+        fed = feed.for_params(params, pre, channels_last=True)
+    warned = [r for r in caplog.records if r.name == "effnet.data.feed"]
+    assert len(warned) == 2 and "data.decode: gpu" in warned[0].getMessage()  # the stage's, then for_params'
+    assert result.decode == "cpu" and (result.bundle / "model.safetensors").is_file()
+    assert type(fed) is feed.DeviceFeed and not fed.decodes and fed.channels_last is True
+    x, _ = fed([torch.zeros(2, 3, pre.img_size, pre.img_size, dtype=torch.uint8), torch.zeros(2)], True, "cpu")
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
 
 
 # --- the GPU path's functions on CPU tensors -------------------------------------------------------------------
 
-class _Counting(gpu.GpuPreprocess):
+class _Counting(feed.GpuPreprocess):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.calls = {"train": 0, "eval": 0}
@@ -93,8 +89,7 @@ def test_lightning_steps_through_the_gpu_path_hooks_on_cpu(tiny_params, shards_d
     from effnet import models
     variant = tiny_params.variant("tiny")
     model = models.build(variant, 4)
-    dc = models.data_config(model, variant, 32)
-    pre = _Counting(dc, "original", (0.25, 1.0))
+    pre = _Counting(models.preprocessing(model, variant, 32), "original", (0.25, 1.0))
     dm = stream.ShardDataModule(shards_dir, None, None, 8, 0, 16, pre)
     x, y = [], []
 
@@ -103,7 +98,7 @@ def test_lightning_steps_through_the_gpu_path_hooks_on_cpu(tiny_params, shards_d
             x.append(batch[0])
             y.append(batch[1])
 
-    module = train.Classifier(model, 4, dict(opt="sgd", lr=0.01), None, 0.0)
+    module = lightning.Classifier(model, 4, dict(opt="sgd", lr=0.01), None, 0.0)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
                          num_sanity_val_steps=0, val_check_interval=2, callbacks=[Grab()])
@@ -147,8 +142,8 @@ def test_crop_scale_and_ratio_statistics_agree_with_timm(scale):
 EVAL_MAX_ABS = 0.035  # normalised units: 2 levels of 255 at std 0.224 (measured on CPU: 1 level, 0.0175)
 
 
-@pytest.mark.parametrize("dc", [DC224, dict(DC224, img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)])
-def test_eval_preprocessing_matches_the_cpu_path(dc, shards_dir):
+@pytest.mark.parametrize("pre", [PRE224, PRE224.model_copy(update=dict(img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))])
+def test_eval_preprocessing_matches_the_cpu_path(pre, shards_dir):
     """The GPU path's eval preprocessing (decode_jpeg + resize by crop pct + center crop, bicubic antialias) vs
     timm's eval transform on PIL-decoded images: photo-like JPEGs of ImageNet-like and odd sizes, up- and
     down-scaled, plus the demo shards' JPEGs."""
@@ -156,13 +151,13 @@ def test_eval_preprocessing_matches_the_cpu_path(dc, shards_dir):
                                                                    (180, 120), (97, 61)])]
     (flat, sizes), _, _ = next(iter(stream.eval_loader(shards_dir, None, 8, 0)))  # the loader's raw-bytes mode
     jpegs += [bytes(t.numpy()) for t in gpu.unpack(flat, sizes)]
-    cpu_tf = transforms.eval_transform(dc)
+    cpu_tf = transforms.eval_transform(pre)
     cpu = torch.stack([cpu_tf(stream.decode({"jpg": b})) for b in jpegs])
-    ours = preprocess(gpu.GpuPreprocess(dc), jpegs, train=False)
+    ours = preprocess(feed.GpuPreprocess(pre), jpegs, train=False)
     assert ours.shape == cpu.shape and ours.dtype == cpu.dtype
     diff = (ours - cpu).abs()
-    levels = diff * torch.tensor(dc["std"]).view(1, 3, 1, 1) * 255
-    print(f"eval GPU path vs CPU path, size {dc['img_size']}: max abs diff {diff.max():.4f} (normalised), "
+    levels = diff * torch.tensor(pre.std).view(1, 3, 1, 1) * 255
+    print(f"eval GPU path vs CPU path, size {pre.img_size}: max abs diff {diff.max():.4f} (normalised), "
           f"{levels.max():.2f} levels of 255; mean abs diff {diff.mean():.5f}; "
           f"photos {diff[:6].max():.4f}, demo {diff[6:].max():.4f}")
     assert diff.max() <= EVAL_MAX_ABS and levels.max() <= 2.01 and levels.mean() < 0.05
@@ -170,14 +165,13 @@ def test_eval_preprocessing_matches_the_cpu_path(dc, shards_dir):
 
 @pytest.mark.parametrize("policy", ["original", transforms.RAND_AUGMENT, None])
 def test_train_augment_batch_shape_dtype_and_normalisation(policy):
-    dc = DC224
     jpegs = [photo_jpeg(500, 375, s) for s in range(6)] + [photo_jpeg(120, 200, 9)]
-    pre = gpu.GpuPreprocess(dc, policy, (0.08, 1.0))
+    pre = feed.GpuPreprocess(PRE224, policy, (0.08, 1.0))
     torch.manual_seed(0)
     x = preprocess(pre, jpegs, train=True)
     assert x.shape == (7, 3, 224, 224) and x.dtype == torch.float32 and x.device.type == "cpu"
     assert x.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(x).all()
-    mean, std = torch.tensor(dc["mean"]).view(1, 3, 1, 1), torch.tensor(dc["std"]).view(1, 3, 1, 1)
+    mean, std = torch.tensor(PRE224.mean).view(1, 3, 1, 1), torch.tensor(PRE224.std).view(1, 3, 1, 1)
     assert (x >= -mean / std - 1e-5).all() and (x <= (1 - mean) / std + 1e-5).all()
     # back to 0..255: whole numbers (uint8 through the augment), and a photo's plausible brightness
     pixels = x * std * 255 + mean * 255
@@ -226,7 +220,7 @@ def test_batched_crops_are_chunked_under_a_memory_budget(monkeypatch):
 
 def test_fixres_feed_is_the_eval_preprocessing_plus_a_flip():
     jpegs = [photo_jpeg(500, 375, s) for s in range(4)]
-    pre, evaluated = gpu.GpuPreprocess(DC224, augment=False), preprocess(gpu.GpuPreprocess(DC224), jpegs, False)
+    pre, evaluated = feed.GpuPreprocess(PRE224, augment=False), preprocess(feed.GpuPreprocess(PRE224), jpegs, False)
     import random
     random.seed(3)
     flips = [random.random() < 0.5 for _ in jpegs]
@@ -238,7 +232,7 @@ def test_fixres_feed_is_the_eval_preprocessing_plus_a_flip():
 
 
 def test_augmenter_policies():
-    assert "AutoAugment" in repr(gpu.augmenter("original"))
-    ra = gpu.augmenter("rand-m9-n3-mstd0.5")
+    assert "AutoAugment" in repr(batch_augment.augmenter("original"))
+    ra = batch_augment.augmenter("rand-m9-n3-mstd0.5")
     assert ra.num_ops == 3 and ra.magnitude == 9 and ra.num_magnitude_bins == 11
-    assert "ColorJitter" in repr(gpu.augmenter(None))
+    assert "ColorJitter" in repr(batch_augment.augmenter(None))

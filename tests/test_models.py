@@ -86,11 +86,11 @@ def photo() -> Image.Image:
 @pytest.mark.parametrize("name", CARD)
 def test_eval_preprocessing_is_timms(name, photo):
     v = variants.table()[name]
-    ours = models.data_config(meta_build(v), v)
+    ours = models.preprocessing(meta_build(v), v)
     with torch.device("meta"):
         reference = timm.create_model(v.arch, pretrained=False)
     cfg = timm.data.resolve_data_config(model=reference)
-    assert (ours["img_size"], ours["crop_pct"], ours["interpolation"], ours["mean"], ours["std"]) == \
+    assert (ours.img_size, ours.crop_pct, ours.interpolation, ours.mean, ours.std) == \
         (cfg["input_size"][1], cfg["crop_pct"], cfg["interpolation"], tuple(cfg["mean"]), tuple(cfg["std"]))
     a, b = transforms.eval_transform(ours)(photo), timm.data.create_transform(**cfg)(photo)
     assert a.shape == b.shape == (3, v.img_size, v.img_size)

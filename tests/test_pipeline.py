@@ -1,5 +1,6 @@
-"""The two drivers end to end in a fresh git repo (a clone of this one with tiny params):
-`dvc repro` runs everything and a second run does nothing; the Prefect flow leaves the same clean state."""
+"""The two drivers end to end in a fresh git repo (a clone of this one with tiny params): the Prefect flow runs every
+dvc.yaml stage through `dvc repro` and registers the model; afterwards `dvc status` is clean and a second
+`dvc repro` does nothing: both drivers agree on one pipeline."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,11 @@ import sys
 import mlflow
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import git_workspace
+
+STAGES = ["demo-data", "shard", "train@tiny", "fixres@tiny", "evaluate@tiny", "register@tiny"]
 
 
 def dvc(*args, cwd):
@@ -23,36 +27,32 @@ def assert_clean(repo):
     assert json.loads(status.stdout) == {}, status.stdout
 
 
-def test_dvc_repro_runs_everything_then_nothing(tmp_path):
-    repo = git_workspace(tmp_path)
-    first = dvc("repro", cwd=repo)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in ("demo-data", "shard", "train@tiny", "fixres@tiny", "evaluate@tiny", "register@tiny"):
-        assert f"Running stage '{stage}'" in first.stdout
-    metrics = json.loads((repo / "metrics/tiny.json").read_text())
-    assert set(metrics) == {"trained", "fixres"}
-    assert_clean(repo)
-    second = dvc("repro", cwd=repo)
-    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
-    shown = dvc("metrics", "show", "--json", cwd=repo)
+def test_the_flow_ran_every_stage_through_dvc_and_returned_the_metrics(pipeline):
+    lock = yaml.safe_load((pipeline.repo / "dvc.lock").read_text())
+    assert sorted(lock["stages"]) == sorted(STAGES)
+    assert pipeline.metrics["tiny"] == json.loads((pipeline.repo / "metrics/tiny.json").read_text())
+    assert set(pipeline.metrics["tiny"]) == {"trained", "fixres"}
+    client = mlflow.MlflowClient(pipeline.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("effnet").experiment_id])
+    flow_runs = {r.data.tags.get("effnet.pipeline_run") for r in runs}
+    assert len(flow_runs) == 1 and None not in flow_runs, "every run is tagged with the one flow run"
+    assert {r.info.run_name for r in runs} >= {"train@tiny", "fixres@tiny", "evaluate@tiny", "register@tiny"}
+
+
+def test_after_the_flow_dvc_is_clean_and_repro_runs_nothing(pipeline):
+    assert_clean(pipeline.repo)
+    again = dvc("repro", cwd=pipeline.repo)
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+    shown = dvc("metrics", "show", "--json", cwd=pipeline.repo)
     assert "fixres" in shown.stdout
 
 
-def test_prefect_flow_runs_the_dvc_stages_and_registers(tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.pipeline import pipeline
-
-    repo = git_workspace(tmp_path)
-    monkeypatch.chdir(repo)
-    with prefect_test_harness():
-        metrics = pipeline(workspace=str(repo))
-    assert metrics["tiny"] == json.loads((repo / "metrics/tiny.json").read_text())
-    assert_clean(repo)
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+def test_the_champion_loads_from_the_registry_and_predicts(pipeline):
+    mlflow.set_tracking_uri(pipeline.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/tiny@champion")
     probs = model.predict(np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8))
     assert probs.shape == (2, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_flow_rejects_an_unknown_variant_before_any_work(tmp_path):

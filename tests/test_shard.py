@@ -16,10 +16,18 @@ import yaml
 from PIL import Image
 
 from effnet.config import ShardConfig
-from effnet.data import shard, stream
+from effnet.data import stream
+from effnet.data.manifest import MANIFEST, REJECTS, read_manifest
 from effnet.errors import EffnetError
+from effnet.stages import shard
 
 CFG = ShardConfig(samples_per_shard=4, seed=0, workers=2, max_bad_fraction=1.0)
+
+
+def sharded(cfg: ShardConfig, src, out) -> dict:
+    """Run the shard stage; the manifest it wrote."""
+    shard.run(cfg, src, out)
+    return read_manifest(out)
 
 
 def noise(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -93,7 +101,7 @@ def digest(folder):
 
 def test_every_bad_file_kind_is_normalised_or_rejected_and_nothing_is_lost(tmp_path):
     src = image_folder(tmp_path / "src", {name: data for name, (data, _) in KINDS.items()})
-    manifest = shard.run(CFG, src, tmp_path / "out")
+    manifest = sharded(CFG, src, tmp_path / "out")
     reasons = {r["path"]: r["reason"] for r in manifest["rejects"]}
     for cls in ("a", "b"):
         for name, (_, expected) in KINDS.items():
@@ -116,7 +124,7 @@ def test_every_bad_file_kind_is_normalised_or_rejected_and_nothing_is_lost(tmp_p
     greys = [np.asarray(im) for im in images if im.size == (64, 48) and np.ptp(np.asarray(im)[0, :, 0]) > 200
              and (np.asarray(im)[..., 0] == np.asarray(im)[..., 2]).all() and np.asarray(im)[0, 0, 0] < 10]
     assert greys, "16-bit greyscale gradient should be scaled to 8 bits, not clipped to white"
-    assert (tmp_path / "out" / shard.REJECTS).is_file()
+    assert (tmp_path / "out" / REJECTS).is_file()
 
 
 def test_too_many_rejects_fail_with_one_line_naming_fraction_and_limit(tmp_path):
@@ -125,14 +133,14 @@ def test_too_many_rejects_fail_with_one_line_naming_fraction_and_limit(tmp_path)
         shard.run(CFG.model_copy(update={"max_bad_fraction": 0.1}), src, tmp_path / "out")
     msg = str(err.value)
     assert "\n" not in msg and "2 of 8" in msg and "25.00%" in msg and "max_bad_fraction 10.00%" in msg
-    assert not (tmp_path / "out" / shard.MANIFEST).exists()
+    assert not (tmp_path / "out" / MANIFEST).exists()
 
 
 def test_max_side_resizes_only_larger_images_and_shard_bytes_caps_shards(tmp_path):
     big, small = encode(noise(200, 100)), encode(noise(50, 40))
     src = image_folder(tmp_path / "src", {f"big{i}.jpg": big for i in range(3)} | {"small.jpg": small})
     cfg = CFG.model_copy(update={"max_side": 64, "quality": 90, "shard_bytes": 12000, "samples_per_shard": 100})
-    manifest = shard.run(cfg, src, tmp_path / "out")
+    manifest = sharded(cfg, src, tmp_path / "out")
     samples = stored(tmp_path / "out", manifest)
     sizes = sorted(Image.open(io.BytesIO(b)).size for b in samples.values())
     assert sizes == [(50, 40)] * 2 + [(64, 32)] * 6
@@ -151,9 +159,9 @@ def test_csv_and_tsv_lists_with_splits(tmp_path):
         rows.append([f"img/{i}.jpg", "cat" if i % 2 else "dog", "val" if i >= 4 else "train"])
     (tmp_path / "list.csv").write_text("path,label,split\n" + "".join(",".join(r) + "\n" for r in rows))
     (tmp_path / "list.tsv").write_text("".join("\t".join(r[:2]) + "\n" for r in rows))
-    m = shard.run(CFG, tmp_path / "list.csv", tmp_path / "out")
+    m = sharded(CFG, tmp_path / "list.csv", tmp_path / "out")
     assert m["classes"] == ["cat", "dog"] and m["splits"]["train"]["total"] == 4 and m["splits"]["val"]["total"] == 2
-    m = shard.run(CFG, tmp_path / "list.tsv", tmp_path / "out2")
+    m = sharded(CFG, tmp_path / "list.tsv", tmp_path / "out2")
     assert m["splits"]["train"]["total"] == 6 and m["splits"]["val"]["total"] == 0
     (tmp_path / "bad.csv").write_text("img/0.jpg\n")
     with pytest.raises(EffnetError, match="row 1"):
@@ -174,12 +182,12 @@ def test_fsspec_urls_for_writing_and_reading(tmp_path):
     import fsspec
     src = image_folder(tmp_path / "src", {f"{i}.jpg": encode(noise(32, 24, seed=i)) for i in range(3)}, val=3)
     shard.run(CFG, src, tmp_path / "local")
-    m = shard.run(CFG, src, "memory://effnet-test/shards")
+    m = sharded(CFG, src, "memory://effnet-test/shards")
     mem = fsspec.filesystem("memory")
     for s in m["splits"]["val"]["shards"]:
         assert mem.cat(f"/effnet-test/shards/{s['name']}") == (tmp_path / "local" / s["name"]).read_bytes()
     assert not mem.glob("/effnet-test/shards/*.tmp")
-    assert shard.run(CFG, src, f"file://{tmp_path}/viaurl") == shard.run(CFG, src, tmp_path / "local") | {
+    assert sharded(CFG, src, f"file://{tmp_path}/viaurl") == sharded(CFG, src, tmp_path / "local") | {
         "source": str(src)}
     keys = {}
     for where in ("memory://effnet-test/shards", f"file://{tmp_path}/local", f"pipe:cat {tmp_path}/local/{{name}}"):
@@ -205,7 +213,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_shards(many, tmp_path
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its pool workers: a process group we started
     proc.wait()
-    assert not (out / shard.MANIFEST).exists(), "the run finished before the kill: make the dataset larger"
+    assert not (out / MANIFEST).exists(), "the run finished before the kill: make the dataset larger"
     shard.run(cfg, many, out)
     shard.run(cfg, many, tmp_path / "clean")
     assert digest(out) == digest(tmp_path / "clean")

@@ -1,4 +1,5 @@
-"""Each stage on tiny data, through its real components (timm, webdataset, Lightning, MLflow's sqlite store)."""
+"""Each stage on tiny data, through its real components (timm, webdataset, Lightning, MLflow's sqlite store): the
+stages' outputs in the session's pipeline workspace, and the stage functions called directly."""
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,10 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from effnet import evaluate, fixres, models, register, train
-from effnet.data import demo, shard, stream, transforms
+from effnet import models
+from effnet.data import manifest, stream, transforms
 from effnet.errors import EffnetError
+from effnet.stages import demo_data, register, shard
 
 
 def digest(folder):
@@ -27,19 +29,19 @@ def test_demo_data_is_an_image_folder_and_deterministic(tiny_params, demo_dir, t
     cfg = tiny_params.demo_data
     for split, n in [("train", cfg.train_per_class), ("val", cfg.val_per_class)]:
         folders = sorted(p.name for p in (demo_dir / split).iterdir())
-        assert folders == sorted(demo.CLASSES[: cfg.classes])
+        assert folders == sorted(demo_data.CLASSES[: cfg.classes])
         assert all(len(list((demo_dir / split / c).glob("*.jpg"))) == n for c in folders)
-    again = demo.run(cfg, tmp_path / "again")
-    assert again == {"train": cfg.classes * cfg.train_per_class, "val": cfg.classes * cfg.val_per_class}
+    again = demo_data.run(cfg, tmp_path / "again")
+    assert again.counts == {"train": cfg.classes * cfg.train_per_class, "val": cfg.classes * cfg.val_per_class}
     assert digest(tmp_path / "again") == digest(demo_dir)
 
 
 def test_shard_manifest_counts_every_sample_and_is_byte_identical(tiny_params, demo_dir, shards_dir, tmp_path):
-    manifest = shard.read_manifest(shards_dir)
-    assert manifest["classes"] == sorted(demo.CLASSES[: tiny_params.demo_data.classes])
-    for split in shard.SPLITS:
+    written = manifest.read_manifest(shards_dir)
+    assert written["classes"] == sorted(demo_data.CLASSES[: tiny_params.demo_data.classes])
+    for split in manifest.SPLITS:
         images = list((demo_dir / split).rglob("*.jpg"))
-        entry = manifest["splits"][split]
+        entry = written["splits"][split]
         assert entry["total"] == len(images) == sum(s["samples"] for s in entry["shards"])
         in_tars = sum(len([m for m in tarfile.open(shards_dir / s["name"]).getnames() if m.endswith(".jpg")])
                       for s in entry["shards"])
@@ -54,11 +56,12 @@ def test_shard_skips_undecodable_files_and_lists_them(tiny_params, demo_dir, tmp
     victim = next((src / "train").rglob("*.jpg"))
     victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
     (src / "train" / victim.parent.name / "empty.jpg").write_bytes(b"")
-    manifest = shard.run(tiny_params.shard, src, tmp_path / "out")
-    rejected = {r["path"] for r in manifest["rejects"]}
+    result = shard.run(tiny_params.shard, src, tmp_path / "out")
+    rejected = {r["path"] for r in result.rejects}
     assert rejected == {victim.relative_to(src).as_posix(), f"train/{victim.parent.name}/empty.jpg"}
     n_files = len(list((src / "train").rglob("*.jpg")))
-    assert manifest["splits"]["train"]["total"] + len(rejected) == n_files
+    assert result.totals["train"] + len(rejected) == n_files
+    assert manifest.read_manifest(tmp_path / "out")["rejects"] == result.rejects
 
 
 def test_shard_missing_folder_names_the_path(tiny_params, tmp_path):
@@ -67,92 +70,82 @@ def test_shard_missing_folder_names_the_path(tiny_params, tmp_path):
 
 
 def test_eval_loader_sees_each_val_sample_once_and_train_epoch_length_comes_from_manifest(shards_dir):
-    dc = dict(img_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
-    keys = [k for _, _, batch_keys in stream.eval_loader(shards_dir, transforms.eval_transform(dc), 7, 0)
+    pre = models.Preprocessing(img_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    keys = [k for _, _, batch_keys in stream.eval_loader(shards_dir, transforms.eval_transform(pre), 7, 0)
             for k in batch_keys]
-    total = shard.read_manifest(shards_dir)["splits"]["val"]["total"]
+    total = manifest.read_manifest(shards_dir)["splits"]["val"]["total"]
     assert len(keys) == len(set(keys)) == total
-    loader = stream.train_loader(shards_dir, transforms.train_transform(dc, "original"), 8, 0, 16)
+    loader = stream.train_loader(shards_dir, transforms.train_transform(pre, "original"), 8, 0, 16)
     batches = list(loader)
-    expected = shard.read_manifest(shards_dir)["splits"]["train"]["total"] // 8
+    expected = manifest.read_manifest(shards_dir)["splits"]["train"]["total"] // 8
     assert len(batches) == len(loader) == expected
     assert batches[0][0].shape == (8, 3, 32, 32)
 
 
 @pytest.fixture(scope="module")
-def trained_chain(tmp_path_factory, tiny_params, shards_dir):
-    """train -> fixres -> evaluate -> register once, in one workspace (its own MLflow store)."""
-    ws = tmp_path_factory.mktemp("chain")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(ws)
-    trained = train.run(tiny_params, "tiny", shards_dir, ws / "models/tiny/trained")
-    tuned = fixres.run(tiny_params, "tiny", shards_dir, trained, ws / "models/tiny/fixres")
-    metrics = evaluate.run(tiny_params, "tiny", shards_dir, {"trained": trained, "fixres": tuned},
-                           ws / "metrics/tiny.json")
-    record = register.run(tiny_params, "tiny", tuned, ws / "metrics/tiny.json", ws / "models/tiny/registered.json")
-    yield dict(ws=ws, trained=trained, fixres=tuned, metrics=metrics, record=record)
-    mp.undo()
+def chain(pipeline):
+    """The stages' outputs in the session's pipeline workspace: train -> fixres -> evaluate -> register."""
+    ws = pipeline.repo
+    return dict(ws=ws, trained=ws / "models/tiny/trained", fixres=ws / "models/tiny/fixres",
+                metrics=json.loads((ws / "metrics/tiny.json").read_text()),
+                record=json.loads((ws / "models/tiny/registered.json").read_text()), uri=pipeline.tracking_uri)
 
 
-def test_train_writes_a_loadable_bundle_and_logs_to_mlflow(trained_chain, tiny_params):
-    model, spec = models.load_bundle(trained_chain["trained"])
+def test_train_writes_a_loadable_bundle_and_logs_to_mlflow(chain, tiny_params):
+    model, spec = models.load_bundle(chain["trained"])
     assert spec.img_size == tiny_params.train.img_size and spec.phi == -6
     assert model.get_classifier().out_features == len(spec.classes) == tiny_params.demo_data.classes
-    mlflow.set_tracking_uri(f"sqlite:///{trained_chain['ws'] / 'mlflow.db'}")
+    mlflow.set_tracking_uri(chain["uri"])
     runs = mlflow.search_runs(experiment_names=["effnet"], filter_string="tags.mlflow.runName = 'train@tiny'")
     assert len(runs) == 1
     assert float(runs.iloc[0]["params.lr_scaled"]) == tiny_params.train.lr
     assert "metrics.train/loss" in runs.columns and not np.isnan(runs.iloc[0]["metrics.train/loss"])
 
 
-def test_fixres_changes_only_classifier_and_last_batchnorm(trained_chain, tiny_params):
-    before = load_file(str(trained_chain["trained"] / "model.safetensors"))
-    after = load_file(str(trained_chain["fixres"] / "model.safetensors"))
+def test_fixres_changes_only_classifier_and_last_batchnorm(chain, tiny_params):
+    before = load_file(str(chain["trained"] / "model.safetensors"))
+    after = load_file(str(chain["fixres"] / "model.safetensors"))
     changed = {k.split(".")[0] for k in before if not (before[k] == after[k]).all()}
     assert changed == {"classifier", "bn2"}
-    _, spec = models.load_bundle(trained_chain["fixres"])
+    _, spec = models.load_bundle(chain["fixres"])
     assert spec.img_size == round(tiny_params.train.img_size * tiny_params.fixres.scale)
 
 
-def test_evaluate_reports_both_models_at_both_resolutions(trained_chain):
-    sizes = {models.load_bundle(trained_chain[k])[1].img_size for k in ("trained", "fixres")}
-    metrics = trained_chain["metrics"]
-    assert json.loads((trained_chain["ws"] / "metrics/tiny.json").read_text()) == metrics
+def test_evaluate_reports_both_models_at_both_resolutions(chain):
+    sizes = {models.load_bundle(chain[k])[1].img_size for k in ("trained", "fixres")}
+    metrics = chain["metrics"]
     for label in ("trained", "fixres"):
         assert set(metrics[label]) == {f"res{s}" for s in sizes}
         for m in metrics[label].values():
             assert 0 <= m["top1"] <= m["top5"] <= 100
 
 
-def test_registered_model_loads_by_alias_and_predicts(trained_chain, demo_dir):
-    mlflow.set_tracking_uri(f"sqlite:///{trained_chain['ws'] / 'mlflow.db'}")
+def test_registered_model_loads_by_alias_and_predicts(chain, demo_dir):
+    mlflow.set_tracking_uri(chain["uri"])
     model = mlflow.pyfunc.load_model("models:/tiny@champion")
     images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((demo_dir / "val").rglob("*.jpg"))[:3]])
     probs = model.predict(images)
     assert isinstance(probs, pd.DataFrame)
-    _, spec = models.load_bundle(trained_chain["fixres"])
+    _, spec = models.load_bundle(chain["fixres"])
     assert list(probs.columns) == spec.classes and len(probs) == 3
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     version = mlflow.MlflowClient().get_model_version_by_alias("tiny", "champion")
-    assert str(version.version) == trained_chain["record"]["version"]
-    assert version.tags["measured_top1"] == str(trained_chain["metrics"]["fixres"][f"res{spec.img_size}"]["top1"])
+    assert str(version.version) == chain["record"]["version"]
+    assert version.tags["measured_top1"] == str(chain["metrics"]["fixres"][f"res{spec.img_size}"]["top1"])
     assert version.tags["recipe.lr"] == "0.256" and version.tags["crop_pct"] == "0.875"
 
 
-def test_a_worse_version_stays_challenger(trained_chain, tiny_params, tmp_path):
-    ws = trained_chain["ws"]
+def test_a_worse_version_stays_challenger(pipeline, tiny_params, tmp_path, monkeypatch):
+    ws = pipeline.copy(tmp_path / "ws")
+    champion = json.loads((ws / "models/tiny/registered.json").read_text())["version"]
     worse = json.loads((ws / "metrics/tiny.json").read_text())
     for m in worse["fixres"].values():
         m["top1"] = -1.0
     (tmp_path / "worse.json").write_text(json.dumps(worse))
-    mp = pytest.MonkeyPatch()
-    mp.chdir(ws)
-    try:
-        record = register.run(tiny_params, "tiny", trained_chain["fixres"], tmp_path / "worse.json",
-                              tmp_path / "registered.json")
-    finally:
-        mp.undo()
-    assert record["promoted"] is False
+    monkeypatch.chdir(ws)
+    record = register.run(tiny_params, "tiny", ws / "models/tiny/fixres", tmp_path / "worse.json",
+                          tmp_path / "registered.json")
+    assert record.promoted is False
     client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    assert str(client.get_model_version_by_alias("tiny", "challenger").version) == record["version"]
-    assert str(client.get_model_version_by_alias("tiny", "champion").version) == trained_chain["record"]["version"]
+    assert str(client.get_model_version_by_alias("tiny", "challenger").version) == record.version
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == champion

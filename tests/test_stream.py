@@ -9,17 +9,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from effnet.config import ShardConfig
-from effnet.data import shard, stream, transforms
+from effnet.data import stream, transforms
+from effnet.data.manifest import read_manifest
+from effnet.models import Preprocessing
+from effnet.stages import shard
 
-DC = dict(img_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+PRE = Preprocessing(img_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def _rank(rank: int, shards: str, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
     try:
-        keys = [k for _, _, ks in stream.eval_loader(shards, transforms.eval_transform(DC), 5, 0) for k in ks]
-        train = stream.train_loader(shards, transforms.train_transform(DC, transforms.RAND_AUGMENT), 4, 0, 8,
+        keys = [k for _, _, ks in stream.eval_loader(shards, transforms.eval_transform(PRE), 5, 0) for k in ks]
+        train = stream.train_loader(shards, transforms.train_transform(PRE, transforms.RAND_AUGMENT), 4, 0, 8,
                                     world_size=2)
         batches = [len(y) for _, y in train]
         with open(f"{tmp}/rank{rank}.json", "w") as f:
@@ -31,7 +34,8 @@ def _rank(rank: int, shards: str, tmp: str) -> None:
 @pytest.mark.parametrize("per_shard", [5, 1000])  # several val shards per rank; one val shard for both ranks
 def test_ddp_ranks_see_each_val_sample_once_and_equal_train_batches(demo_dir, tmp_path, per_shard):
     shards = tmp_path / "shards"
-    manifest = shard.run(ShardConfig(samples_per_shard=per_shard, workers=1), demo_dir, shards)
+    shard.run(ShardConfig(samples_per_shard=per_shard, workers=1), demo_dir, shards)
+    manifest = read_manifest(shards)
     assert (len(manifest["splits"]["val"]["shards"]) >= 2) == (per_shard == 5)
     mp.spawn(_rank, args=(str(shards), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -43,7 +47,7 @@ def test_ddp_ranks_see_each_val_sample_once_and_equal_train_batches(demo_dir, tm
 
 
 def test_rand_augment_and_draft_decode(shards_dir):
-    tf = transforms.train_transform(DC, transforms.RAND_AUGMENT)
+    tf = transforms.train_transform(PRE, transforms.RAND_AUGMENT)
     assert "RandAugment" in repr(tf)
     x, y = next(iter(stream.train_loader(shards_dir, tf, 4, 0, 8, draft=16)))
     assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
@@ -92,7 +96,7 @@ def test_device_prefetcher_stops_its_thread_when_the_consumer_leaves():
 
 def _first_batches(shards, seed: int, workers: int, n: int = 3):
     torch.manual_seed(0)  # what pl.seed_everything does: the DataLoader seeds its workers from it
-    loader = stream.train_loader(shards, transforms.train_transform(DC, "original", uint8=True), 4, workers, 8,
+    loader = stream.train_loader(shards, transforms.train_transform(PRE, "original", uint8=True), 4, workers, 8,
                                  seed=seed)
     batches = []
     for x, y in loader:

@@ -12,29 +12,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from effnet import cli, train
+from effnet import cli
+from effnet.stages import train
 from tests.conftest import write_tiny_params
 
 
-
-def test_the_ema_is_the_exported_model_and_checkpoints_go_after_success(tiny_params, shards_dir, workspace,
-                                                                       monkeypatch):
-    seen = {}
-    real_fit = train.fit
-
-    def spy(module, *args, **kwargs):
-        seen["module"] = module
-        return real_fit(module, *args, **kwargs)
-
-    monkeypatch.setattr(train, "fit", spy)
+def test_the_ema_is_the_exported_model_and_checkpoints_go_after_success(tiny_params, shards_dir, workspace):
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
         update={"ema_decay": 0.5, "checkpoint_every_n_steps": 2})})
-    out = train.run(params, "tiny", shards_dir, workspace / "trained")
-    module, saved = seen["module"], load_file(str(out / "model.safetensors"))
-    ema, raw = module.ema.module.state_dict(), module.model.state_dict()
+    trained = train.fit_model(params, "tiny", shards_dir)
+    checkpoints = workspace / params.train.checkpoint_dir / "tiny"
+    assert (checkpoints / "last.ckpt").is_file()  # until the bundle is safe
+    train.write(trained, params, workspace / "trained")
+    saved = load_file(str(workspace / "trained" / "model.safetensors"))
+    ema, raw = trained.module.ema.module.state_dict(), trained.module.model.state_dict()
     assert all(torch.equal(saved[k], ema[k]) for k in saved)
     assert any(not torch.equal(saved[k], raw[k]) for k in saved if raw[k].is_floating_point())
-    assert not (workspace / params.train.checkpoint_dir / "tiny").exists()  # removed once the bundle is written
+    assert not checkpoints.exists()  # removed once the bundle is written
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_params, shards_dir, workspace,

@@ -13,8 +13,9 @@ import urllib.request
 
 import pytest
 
-from effnet import models, register, tracking
-from effnet.data import shard
+from effnet import models, tracking
+from effnet.data.manifest import read_manifest
+from effnet.stages import register
 from tests.conftest import free_port, stop
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -76,26 +77,26 @@ def test_ui_shows_experiment_runs_and_registered_model_with_alias(mlflow_server,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "ui-test")
     variant = tiny_params.variant("tiny")
-    classes = shard.read_manifest(shards_dir)["classes"]
+    classes = read_manifest(shards_dir)["classes"]
     model = models.build(variant, len(classes))
-    spec = models.ModelSpec(variant="tiny", phi=variant.phi, classes=classes, **models.data_config(model, variant, 40))
+    spec = models.ModelSpec(variant="tiny", phi=variant.phi, classes=classes, preprocessing=models.preprocessing(model, variant, 40))
     models.save_bundle(model, spec, tmp_path / "bundle")
     m = {f"res{s}": {"top1": 42.0, "top5": 80.0} for s in (32, 40)}
     (tmp_path / "m.json").write_text(json.dumps({"trained": m, "fixres": m}))
     record = register.run(tiny_params, "tiny", tmp_path / "bundle", tmp_path / "m.json", tmp_path / "rec.json",
                           shards=shards_dir)
-    assert record["promoted"] is True
+    assert record.promoted is True
     experiment_id = tracking.experiment(tiny_params.mlflow.experiment)
 
     # The experiment lists the pipeline run as one (collapsed) parent row; the stage's run has its own page.
     runs_page = rendered(f"{mlflow_server}/#/experiments/{experiment_id}/runs", tmp_path, "effnet", "pipeline ui-test")
     assert "effnet" in runs_page and "pipeline ui-test" in runs_page, runs_page[-3000:]
-    run_page = rendered(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{record['run_id']}", tmp_path,
+    run_page = rendered(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{record.run_id}", tmp_path,
                         "register@tiny")
     assert "register@tiny" in run_page, run_page[-3000:]
     model_page = rendered(f"{mlflow_server}/#/models/tiny", tmp_path, "tiny", "champion", "challenger")
     assert "tiny" in model_page and "champion" in model_page and "challenger" in model_page, model_page[-3000:]
-    version_page = rendered(f"{mlflow_server}/#/models/tiny/versions/{record['version']}", tmp_path,
+    version_page = rendered(f"{mlflow_server}/#/models/tiny/versions/{record.version}", tmp_path,
                             "measured_top1", "Preprocessing")
     assert "measured_top1" in version_page and "Preprocessing" in version_page, version_page[-3000:]
 

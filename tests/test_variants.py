@@ -95,7 +95,7 @@ def test_phi_zero_is_b0_exactly():
     assert n_params(ours) == n_params(theirs) == n_params(models.build(b0, num_classes=1000))
     assert repr(ours) == repr(theirs)  # same modules, hyper-parameters and order
     assert {k: t.shape for k, t in ours.state_dict().items()} == {k: t.shape for k, t in theirs.state_dict().items()}
-    assert models.data_config(ours, v) == models.data_config(theirs, b0)
+    assert models.preprocessing(ours, v) == models.preprocessing(theirs, b0)
 
 
 @pytest.mark.parametrize("phi", [-6, -4, -3, -1, 1, 2.5])

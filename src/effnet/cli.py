@@ -5,10 +5,12 @@ Errors a user can fix (bad params, missing paths) print as one line, `effnet: er
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from effnet import env
 from effnet.errors import EffnetError
 
 
@@ -73,30 +75,32 @@ def dispatch(args: argparse.Namespace) -> object:
     # Stage modules import torch & co: import them only for the command that runs.
     if args.command == "variants":
         from effnet import variants
-        return variants.show(args.phi or [], as_json=args.json, measure_flops=args.flops)
+        measure = None
+        if args.flops or args.phi:  # compound rows need the built model's size; the table knows no model code
+            from effnet.models import measure
+        return variants.show(args.phi or [], as_json=args.json, measure=measure, measure_flops=args.flops)
 
     from effnet import config
     params = config.load(args.params, args.overrides)
     if hasattr(args, "variant"):
         params.variant(args.variant)  # unknown key -> error before any work
     if args.command == "demo-data":
-        from effnet.data import demo
-        return demo.run(params.demo_data, args.out)
+        from effnet.stages import demo_data
+        return demo_data.run(params.demo_data, args.out)
     if args.command == "shard":
-        from effnet.data import shard
-        manifest = shard.run(params.shard, args.src, args.out)
-        return {split: m["total"] for split, m in manifest["splits"].items()} | {"rejected": len(manifest["rejects"])}
+        from effnet.stages import shard
+        return shard.run(params.shard, args.src, args.out)
     if args.command == "train":
-        from effnet import train
+        from effnet.stages import train
         return train.run(params, args.variant, args.shards, args.out)
     if args.command == "fixres":
-        from effnet import fixres
+        from effnet.stages import fixres
         return fixres.run(params, args.variant, args.shards, args.trained, args.out)
     if args.command == "evaluate":
-        from effnet import evaluate
+        from effnet.stages import evaluate
         return evaluate.run(params, args.variant, args.shards, _labelled(args.bundles), args.out)
     if args.command == "register":
-        from effnet import register
+        from effnet.stages import register
         return register.run(params, args.variant, args.bundle, args.metrics, args.out, shards=args.shards,
                             trained=args.trained)
     raise AssertionError(args.command)
@@ -104,13 +108,14 @@ def dispatch(args: argparse.Namespace) -> object:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    env.configure()
     try:
         result = dispatch(args)
     except EffnetError as e:
         print(f"effnet: error: {e}", file=sys.stderr)
         return 2
-    if result is not None and args.command != "variants":
-        print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, BaseModel):
+        print(result.model_dump_json(indent=2))
     return 0
 
 

@@ -1,43 +1,74 @@
 """Model factory over timm, and the model bundle that stages hand to each other.
 
 A bundle is a folder with `model.safetensors` (weights only: nothing is unpickled when it is loaded) and
-`model.json` (the ModelSpec: which variant, the classes, and the preprocessing it expects).
+`model.json` (the ModelSpec: which variant, the classes, and the `Preprocessing` it expects).
 """
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 from safetensors.torch import load_file, save_file
 from timm.models._efficientnet_builder import _init_weight_goog
 from timm.models.efficientnet import _gen_efficientnet
 from torch import nn
 
-from effnet import variants
+from effnet import io, variants
 from effnet.errors import EffnetError
 
 log = logging.getLogger(__name__)
 TF_BN_EPS = 1e-3  # TF's BatchNorm epsilon; timm's tf_* models use it with 'same' padding
 
 
-class ModelSpec(BaseModel):
-    """Everything needed to rebuild a trained model and feed it: stored beside its weights."""
+class Preprocessing(BaseModel):
+    """What a model expects of its input: timm's eval transform (shorter side to img_size / crop_pct, center crop
+    img_size, `interpolation`) and normalisation by mean/std. Training augments at the same img_size."""
 
-    variant: str
-    model: str | None = None  # card ID, or None with phi
-    phi: float | None = None
-    classes: list[str]
+    model_config = ConfigDict(frozen=True)
     img_size: int
     crop_pct: float
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    def at(self, img_size: int) -> Preprocessing:
+        """The same preprocessing at another resolution (FixRes, the evaluate sweep)."""
+        return self.model_copy(update={"img_size": img_size})
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to rebuild a trained model and feed it: stored beside its weights (`model.json`, whose
+    preprocessing keys stay flat, as bundles have always been written)."""
+
+    variant: str
+    model: str | None = None  # card ID, or None with phi
+    phi: float | None = None
+    classes: list[str]
+    preprocessing: Preprocessing
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "preprocessing" not in data:
+            keys = Preprocessing.model_fields
+            data = {k: v for k, v in data.items() if k not in keys} | {
+                "preprocessing": {k: v for k, v in data.items() if k in keys}}
+        return data
+
+    @model_serializer
+    def _flat(self) -> dict:
+        return {"variant": self.variant, "model": self.model, "phi": self.phi, "classes": self.classes,
+                **self.preprocessing.model_dump()}
+
+    @property
+    def img_size(self) -> int:
+        return self.preprocessing.img_size
 
     def resolve(self) -> variants.Variant:
         return variants.resolve(self.model, self.phi)
@@ -84,11 +115,11 @@ def measure(variant: variants.Variant, num_classes: int = 1000, img_size: int | 
     return dict(params=sum(p.numel() for p in model.parameters()), gmacs=counter.get_total_flops() / 2 / 1e9)
 
 
-def data_config(model: nn.Module, variant: variants.Variant, img_size: int | None = None) -> dict:
+def preprocessing(model: nn.Module, variant: variants.Variant, img_size: int | None = None) -> Preprocessing:
     """timm's preprocessing for the model (mean/std of its pretrained config) at the variant's crop."""
     cfg = timm.data.resolve_data_config(model=model)
-    return dict(img_size=img_size or variant.img_size, crop_pct=variant.crop_pct,
-                interpolation=variant.interpolation, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return Preprocessing(img_size=img_size or variant.img_size, crop_pct=variant.crop_pct,
+                         interpolation=variant.interpolation, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
 
 HEAD_PREFIX = "classifier."
@@ -167,16 +198,11 @@ def load_weights(model: nn.Module, path: str | Path, variant_name: str) -> None:
 
 
 def save_bundle(model: nn.Module, spec: ModelSpec, out: Path) -> None:
-    """Write the bundle to a temporary folder and rename it into place: never a half-written bundle."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write the bundle whole or not at all (`io.atomic_dir`)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    (tmp / "model.json").write_text(spec.model_dump_json(indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with io.atomic_dir(out) as tmp:
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "model.json").write_text(spec.model_dump_json(indent=2))
 
 
 def load_bundle(path: Path) -> tuple[nn.Module, ModelSpec]:

@@ -10,16 +10,14 @@ resolved params. Given the experiment id as well, a stage's run under a pipeline
 `mlflow.parentRunId`) under one parent run per pipeline run, `pipeline <name>`, which the first stage creates:
 the UI shows the pipeline run as one expandable row.
 
-System metrics: importing this module turns on MLflow's system metrics (`system/*`: CPU, memory, disk, network,
-and GPU when `nvidia-ml-py` is installed), sampled every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by
-default; a run shorter than one interval gets none). `mlflow.start_run` honours the switch by itself; a run made
-through the client (Lightning's MLFlowLogger) needs `system_metrics(run_id)` around its work. Set
+System metrics: `env.configure()` turns on MLflow's system metrics (`system/*`: CPU, memory, disk, network, and GPU
+when `nvidia-ml-py` is installed), sampled every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default; a
+run shorter than one interval gets none). `mlflow.start_run` honours the switch by itself; a run made through the
+client (Lightning's MLFlowLogger) needs `system_metrics(run_id)` around its work. Set
 MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false to turn it off.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -27,10 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline by design
-os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")  # every stage's run: system/* metrics
+from effnet import io
 
-import mlflow  # noqa: E402
+# mlflow is imported where it is used: the training library imports this module, and a user of that library (a
+# bench, a notebook) need not have MLflow installed until something is logged.
 
 PIPELINE_RUN_ENV = "EFFNET_PIPELINE_RUN"  # set by the Prefect flow, one value per flow run
 PIPELINE_RUN_NAME_ENV = "EFFNET_PIPELINE_RUN_NAME"
@@ -43,6 +41,7 @@ def tracking_uri() -> str:
 
 def experiment(name: str) -> str:
     """Point MLflow at the store and return the experiment's id, creating it (artifacts beside the db) if new."""
+    import mlflow
     user_set = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     mlflow.set_tracking_uri(tracking_uri())
     if not user_set:  # MLflow exports the URI to the environment: the default must keep following the cwd
@@ -117,13 +116,13 @@ def dvc_data_hash(workspace: Path | None = None, out: str = DATA_OUT) -> str | N
 
 def params_hash(params) -> str:
     """sha256 (first 16 hex digits) of the resolved params (pydantic model or dict), key order independent."""
-    data = params.model_dump(mode="json") if hasattr(params, "model_dump") else params
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return io.sha256_json(params.model_dump(mode="json") if hasattr(params, "model_dump") else params)[:16]
 
 
 def pipeline_parent(experiment_id: str, pipeline_run: str, name: str | None = None) -> str:
     """The id of the parent run of pipeline run PIPELINE_RUN in EXPERIMENT_ID, created (FINISHED) if new. Its end
     time moves to each stage's start, so it spans the stages (stages of one workspace run one at a time)."""
+    import mlflow
     from mlflow.entities import RunStatus
     client = mlflow.MlflowClient(tracking_uri())
     query = f"tags.`effnet.pipeline_run` = '{pipeline_run}' and tags.`effnet.stage` = 'pipeline'"

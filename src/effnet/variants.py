@@ -7,7 +7,7 @@ phi = 0 is B0's architecture, negative phi gives the tiny models the demo and th
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 
@@ -108,12 +108,16 @@ def resolve(model: str | None = None, phi: float | None = None) -> Variant:
     return table()[model]
 
 
-def records(phis: Sequence[float] = (), measure_flops: bool = False) -> list[dict]:
+Measure = Callable[["Variant"], dict]  # variant -> {"params": count, "gmacs": ...}: `models.measure`
+
+
+def records(phis: Sequence[float] = (), measure: Measure | None = None, measure_flops: bool = False) -> list[dict]:
     """The card's rows, then the compound-scaled variant for each phi, as plain dicts.
 
     params/flops are the card's figures (millions of parameters, GFLOPs as the card counts them); compound
-    rows, which the card lacks, get the built model's parameter count instead. measure_flops adds
-    `flops_measured` (GMACs, multiply-adds of the model built at its img_size) and `params_measured` (millions).
+    rows, which the card lacks, get the built model's parameter count instead (MEASURE builds it: the table itself
+    knows no model code). measure_flops adds `flops_measured` (GMACs, multiply-adds of the model built at its
+    img_size) and `params_measured` (millions).
     """
     rows = list(table().values()) + [compound(phi) for phi in phis]
     out = []
@@ -121,9 +125,8 @@ def records(phis: Sequence[float] = (), measure_flops: bool = False) -> list[dic
         r = {"name": v.name, "phi": v.phi, "params": v.params_m, "flops": v.flops_g, "img_size": v.img_size,
              "crop_pct": v.crop_pct, "interpolation": v.interpolation, "width": v.width, "depth": v.depth,
              "dropout": v.dropout, "top1": v.top1, "top5": v.top5, "timm": v.arch}
-        if measure_flops or v.phi is not None:
-            from effnet import models  # torch and timm: only when something is built
-            m = models.measure(v)
+        if measure is not None and (measure_flops or v.phi is not None):
+            m = measure(v)
             if v.phi is not None:
                 r["params"] = round(m["params"] / 1e6, 2)
             if measure_flops:
@@ -133,9 +136,10 @@ def records(phis: Sequence[float] = (), measure_flops: bool = False) -> list[dic
     return out
 
 
-def show(phis: list[float], as_json: bool = False, measure_flops: bool = False) -> None:
+def show(phis: list[float], as_json: bool = False, measure: Measure | None = None, measure_flops: bool = False
+         ) -> None:
     """Print the card table (and any compound-scaled variants) with rich, or as JSON."""
-    rows = records(phis, measure_flops)
+    rows = records(phis, measure, measure_flops)
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -1,28 +1,20 @@
-"""The device half of the data paths: what turns a loader batch into the model's input on the training device.
+"""The tensor operations of the GPU data path (`data.decode: gpu`, driven by `feed.GpuPreprocess`): decode a
+batch of JPEG bytes (`torchvision.io.decode_jpeg(list, device=...)`, nvjpeg on CUDA) and do what timm's CPU
+transforms do, batch-wise:
 
-`DeviceFeed` serves `data.decode: cpu`: loader workers decode and augment (timm's transforms) and send uint8
-images; the device normalises them. `GpuPreprocess` serves `data.decode: gpu`: workers only read the shards and
-pack each batch's JPEG bytes into one flat uint8 tensor plus byte counts (`collate_jpeg`); the device decodes the
-whole batch with `torchvision.io.decode_jpeg(list, device=...)` (nvjpeg) and applies what timm's CPU transforms do:
+* train: timm's RandomResizedCrop sampler itself (`crop_params`: the same scale and log-ratio distribution, the
+  same 10 tries and central fallback), the crops resized and flipped in one batched resample (`resized_crops`);
+* eval: resize of the shorter side to floor(size / crop_pct) (bicubic, antialias), center crop (timm's eval
+  transform; it matches the CPU path to within JPEG decoder and resampler rounding); normalisation.
 
-* train: timm's RandomResizedCrop sampler itself (`RandomResizedCropAndInterpolation.get_params`: the same scale
-  and log-ratio distribution, the same 10 tries and central fallback), the crops resized and flipped (p=0.5) in
-  one batched resample (`resized_crops`), AutoAugment / RandAugment (see `augmenter` for how those policies
-  relate to timm's), normalisation, channels_last;
-* eval: resize of the shorter side to floor(size / crop_pct) (bicubic, antialias), center crop, normalisation
-  (timm's eval transform; it matches the CPU path to within JPEG decoder and resampler rounding).
-
-`stream.DevicePrefetcher` runs either feed in a thread on a side CUDA stream, ahead of the training step. Every
-function is device-agnostic: on CPU tensors they run the same code (decode_jpeg on the CPU), which is how the
-tests check them. Where CUDA is absent, `resolve_decode` falls back to the CPU path with one warning.
+Every function is device-agnostic: on CPU tensors they run the same code (decode_jpeg on the CPU), which is how
+the tests check them.
 """
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import random
-import warnings
 
 import torch
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -30,28 +22,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from effnet.data.batch_augment import BatchAugment, augmenter  # noqa: F401 - augmenter: the per-image policy
-
-log = logging.getLogger(__name__)
-# torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec; decode_jpeg still is the batched
-# nvjpeg decoder this path is built on (and what the GPU machines' torchvision has).
-warnings.filterwarnings("ignore", message=r"The image decoding and encoding capabilities of TorchVision")
-
 RATIO = (3 / 4, 4 / 3)  # timm's (and Inception's) RandomResizedCrop aspect-ratio range
-
-
-def cuda_usable(accelerator: str = "auto") -> bool:
-    """Whether a Trainer with this `accelerator` runs on CUDA."""
-    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-
-
-def resolve_decode(decode: str, accelerator: str = "auto") -> str:
-    """'gpu' only where the Trainer runs on CUDA; otherwise one warning and the portable CPU path."""
-    if decode == "gpu" and not cuda_usable(accelerator):
-        why = "no CUDA device" if not torch.cuda.is_available() else f"accelerator is {accelerator!r}"
-        log.warning("data.decode: gpu needs a CUDA device (%s): decoding and augmenting on the CPU instead", why)
-        return "cpu"
-    return decode
 
 
 # --- what the workers do: bytes only ---------------------------------------------------------------------------
@@ -182,69 +153,3 @@ def normalize(x: torch.Tensor, mean, std, channels_last: bool = True) -> torch.T
     m, s = _scaled_stats(tuple(mean), tuple(std), x.device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.to(dtype=torch.float32, memory_format=memory_format).sub_(m).div_(s)
-
-
-class DeviceFeed:
-    """The device half of a data path: turns a loader batch `[images, labels, *rest]` into the model's input on
-    `device`. This one is the CPU decode path's: the workers decode and augment and send uint8 images (a quarter
-    of float32's bytes through shared memory and over PCIe); the device converts and normalises them.
-    `decodes` says what the loader must yield: decoded uint8 images (False) or JPEG bytes (True)."""
-
-    decodes = False
-
-    def __init__(self, mean, std, channels_last: bool = True):
-        self.mean, self.std, self.channels_last = tuple(mean), tuple(std), channels_last
-
-    def images(self, payload, train: bool, device) -> torch.Tensor:
-        """The loader's image payload -> uint8 NCHW on `device`."""
-        return payload.to(device, non_blocking=True)
-
-    def __call__(self, batch, train: bool, device) -> list:
-        payload, y, *rest = batch
-        x = normalize(self.images(payload, train, device), self.mean, self.std, self.channels_last)
-        return [x, y.to(device, non_blocking=True), *rest]
-
-
-class GpuPreprocess(DeviceFeed):
-    """The GPU decode path's device half, for one data config (`models.data_config`: img_size, crop_pct,
-    interpolation, mean, std): the loader yields JPEG bytes (`collate_jpeg`), the device decodes them in one batch
-    and crops, flips and auto-augments them (train) or resizes and center-crops them (eval). With
-    `augment=False`, training batches get the eval preprocessing plus the flip (FixRes's test-time statistics)."""
-
-    decodes = True
-
-    def __init__(self, dc: dict, auto_augment: str | None = "original", crop_scale=(0.08, 1.0), ratio=RATIO,
-                 hflip: float = 0.5, channels_last: bool = True, augment: bool = True):
-        super().__init__(dc["mean"], dc["std"], channels_last)
-        self.size, self.crop_pct, self.interpolation = int(dc["img_size"]), float(dc["crop_pct"]), dc["interpolation"]
-        self.scale, self.ratio, self.hflip = tuple(crop_scale), tuple(ratio), hflip
-        self.augment = BatchAugment(auto_augment, self.mean) if augment else None
-
-    def images(self, payload, train: bool, device) -> torch.Tensor:
-        decoded = decode_batch(unpack(*payload), device)
-        return self.train_images(decoded) if train else self.eval_images(decoded)
-
-    def train_images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Decoded uint8 CHW images -> augmented uint8 NCHW batch (crop, flip, auto-augment)."""
-        flips = [random.random() < self.hflip for _ in images]
-        if self.augment is None:
-            return random_hflip(self.eval_images(images), flips)
-        x = resized_crops(images, [crop_params(img, self.scale, self.ratio) for img in images], self.size, flips)
-        return self.augment(x)
-
-    def eval_images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Resize + center crop, exactly timm's eval transform: one batched resize per distinct image shape (most
-        ImageNet photos share a few shapes)."""
-        out = images[0].new_empty(len(images), images[0].shape[0], self.size, self.size)
-        same_shape: dict[tuple, list[int]] = {}
-        for i, img in enumerate(images):
-            same_shape.setdefault(tuple(img.shape), []).append(i)
-        for rows in same_shape.values():
-            out.index_copy_(0, on_device(rows, torch.long, out.device),
-                            resize_center_crop(torch.stack([images[i] for i in rows]), self.size, self.crop_pct,
-                                               self.interpolation))
-        return out
-
-    def __repr__(self) -> str:
-        return (f"GpuPreprocess(size={self.size}, crop_pct={self.crop_pct}, scale={self.scale}, "
-                f"augment={self.augment!r})")

@@ -6,7 +6,7 @@ once, split by node and worker, so that every sample is seen exactly once across
 folder, at an fsspec URL (s3://, gs://, memory://...) or behind a `pipe:` command with `{name}` in it.
 
 With `transform=None` the loaders yield the JPEG bytes undecoded (`gpu.collate_jpeg`). `ShardDataModule` hands each
-batch to a device feed (`effnet.data.gpu`: normalise uint8 images, or decode and augment JPEG bytes) that
+batch to a device feed (`effnet.data.feed`: normalise uint8 images, or decode and augment JPEG bytes) that
 `DevicePrefetcher` runs ahead of the training step, in a thread, on a side CUDA stream.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import io
 import queue
 import random
 import threading
-import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -30,11 +29,8 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
-from effnet.data.gpu import DeviceFeed, collate_jpeg
-from effnet.data.shard import location, read_manifest
-
-# with_length() is only the epoch length Lightning shows and plans with; with_epoch() sets the real one.
-warnings.filterwarnings("ignore", message=r"\.with_length\(\) only sets")
+from effnet.data import manifest
+from effnet.data.gpu import collate_jpeg
 
 _GOPEN = importlib.import_module("webdataset.gopen")  # the module: `wds.gopen` is its function
 
@@ -56,7 +52,7 @@ def _root(shards) -> str | Path:
 
 
 def shard_urls(shards: str | Path, split: str) -> list[str]:
-    urls = [location(shards, s["name"]) for s in read_manifest(shards)["splits"][split]["shards"]]
+    urls = manifest.shard_urls(shards, split)
     _route_to_fsspec(urls)
     return urls
 
@@ -79,7 +75,7 @@ def train_loader(shards: str | Path, transform, batch_size: int, num_workers: in
     The stream is a function of `seed`: every (rank, worker) draws its shards and shuffles its buffer from its
     own seed derived from it, and the workers' augmentations are seeded by the DataLoader from torch's RNG (which
     `pl.seed_everything` sets), so a run with loader workers repeats batch for batch."""
-    total = read_manifest(shards)["splits"]["train"]["total"]
+    total = manifest.read_manifest(shards)["splits"]["train"]["total"]
     steps = max(1, total // (batch_size * world_size))
     if transform is None:
         load = [wds.map_tuple(bytes, int), wds.batched(batch_size, collation_fn=collate_jpeg, partial=False)]
@@ -199,18 +195,18 @@ class DevicePrefetcher:
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """Train and val loaders over the shards, each batch finished on the training device by `feed` (see
-    `effnet.data.gpu`) through a `DevicePrefetcher`. With a feed that decodes (`GpuPreprocess`), the workers only
+    """Train and val loaders over the shards, each batch finished on the training device by `feed` (a
+    `feed.DeviceFeed`) through a `DevicePrefetcher`. With a feed that decodes (`GpuPreprocess`), the workers only
     read JPEG bytes and train_tf/val_tf are not used; otherwise they decode and transform to uint8 images
     (`transforms.*(..., uint8=True)`)."""
 
     def __init__(self, shards: str | Path, train_tf, val_tf, batch_size: int, num_workers: int, shuffle_buffer: int,
-                 feed: DeviceFeed, seed: int = 0, draft: int | None = None):
+                 feed, seed: int = 0, draft: int | None = None):
         super().__init__()
         self.shards, self.train_tf, self.val_tf, self.feed = _root(shards), train_tf, val_tf, feed
         self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
         self.draft = draft
-        self.manifest = read_manifest(self.shards)
+        self.manifest = manifest.read_manifest(self.shards)
 
     @property
     def classes(self) -> list[str]:

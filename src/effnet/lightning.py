@@ -1,15 +1,11 @@
-"""The `train` stage: a timm TF-EfficientNet fitted by a Lightning Trainer on the shards, with the card's recipe.
-
-`Classifier` and `fit` are shared with the FixRes stage, which trains the same module on fewer parameters.
-"""
+"""The training library: the LightningModule (`Classifier`), its callbacks, checkpoint/resume, and `fit`, which
+runs a Lightning Trainer with MLflow logging. The train and fixres stages both train through it."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -23,17 +19,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from effnet import models, tracking
-from effnet.config import Params, TrainConfig
-from effnet.data import gpu, transforms
-from effnet.data.shard import read_manifest
+from effnet import io, tracking
+from effnet.config import TrainConfig
+from effnet.data.feed import cuda_usable
 from effnet.data.stream import ShardDataModule
 from effnet.errors import EffnetError
 
 log = logging.getLogger(__name__)
-# The EMA copy is in eval mode on purpose (it is only ever run for validation); so are FixRes's frozen layers.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # run.json is ours
 
 
 class Classifier(pl.LightningModule):
@@ -164,36 +156,17 @@ def precision_for(cfg: TrainConfig) -> str:
         return cfg.precision
     if cfg.accelerator == "tpu":
         return "bf16-true"  # XLA: bf16-mixed is not supported
-    return "bf16-mixed" if gpu.cuda_usable(cfg.accelerator) else "32-true"
+    return "bf16-mixed" if cuda_usable(cfg.accelerator) else "32-true"
 
 
 def on_for(setting: bool | str, cfg: TrainConfig) -> bool:
     """A `true | false | auto` train setting; auto: on where the Trainer runs on CUDA."""
-    return gpu.cuda_usable(cfg.accelerator) if setting == "auto" else bool(setting)
+    return cuda_usable(cfg.accelerator) if setting == "auto" else bool(setting)
 
 
 def speedups(cfg: TrainConfig) -> dict[str, bool]:
     """Classifier's compile and channels_last settings from the train config (`auto`: on with CUDA)."""
     return dict(compile=on_for(cfg.compile, cfg), channels_last=on_for(cfg.channels_last, cfg))
-
-
-def shard_data(params: Params, shards: Path, dc: dict, train_tf, batch_size: int, seed: int,
-               augment: bool = True) -> ShardDataModule:
-    """A stage's DataModule: the workers' uint8 transforms (TRAIN_TF for training, timm's eval transform for
-    validation) and the device half of the configured data path (`device_feed`)."""
-    channels_last = on_for(params.train.channels_last, params.train)
-    return ShardDataModule(shards, train_tf, transforms.eval_transform(dc, uint8=True), batch_size,
-                           params.data.num_workers, params.data.shuffle_buffer,
-                           device_feed(params, dc, channels_last, augment), seed)
-
-
-def device_feed(params: Params, dc: dict, channels_last: bool, augment: bool = True) -> gpu.DeviceFeed:
-    """The device half of the configured data path (`data.decode`; the CPU path where there is no CUDA). With
-    augment=False, training batches get the eval preprocessing plus a flip (FixRes)."""
-    cfg = params.train
-    if gpu.resolve_decode(params.data.decode, cfg.accelerator) == "gpu":
-        return gpu.GpuPreprocess(dc, cfg.auto_augment, cfg.crop_scale, channels_last=channels_last, augment=augment)
-    return gpu.DeviceFeed(dc["mean"], dc["std"], channels_last)
 
 
 LAST = "last.ckpt"
@@ -202,8 +175,7 @@ RUN_FILE = "run.json"  # beside the checkpoint: the MLflow run it belongs to and
 
 def fingerprint(params: dict, manifest: dict) -> str:
     """What a checkpoint is only valid for: the logged params and the data. Any change starts afresh."""
-    blob = json.dumps({"params": params, "manifest": manifest}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return io.sha256_json({"params": params, "manifest": manifest})
 
 
 @rank_zero_only
@@ -222,10 +194,7 @@ def prepare_checkpoints(folder: Path, fp: str, resume: bool) -> str | None:
 
 @rank_zero_only
 def write_run_file(folder: Path, run_id: str, fp: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "fingerprint": fp}))
-    tmp.replace(folder / RUN_FILE)
+    io.write_atomic(folder / RUN_FILE, json.dumps({"run_id": run_id, "fingerprint": fp}))
 
 
 def checkpoint_callbacks(folder: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
@@ -240,8 +209,9 @@ def checkpoint_callbacks(folder: Path, every_n_steps: int | None) -> list[ModelC
 
 
 def fit(module: Classifier, dm: ShardDataModule, cfg: TrainConfig, epochs: int, experiment: str, run_name: str,
-        params: dict, checkpoints: Path | None = None) -> MLFlowLogger:
-    """Run a Lightning Trainer with MLflow logging; returns the logger (its run_id names the MLflow run).
+        params: dict, checkpoints: Path | None = None) -> str | None:
+    """Run a Lightning Trainer with MLflow logging (PARAMS logged as the run's params); returns the MLflow run id
+    (None on DDP ranks other than 0, which log nothing).
 
     With CHECKPOINTS (a folder), save `last.ckpt` there as `checkpoint_callbacks` says and, with `cfg.resume`,
     continue from it and its MLflow run when it was made with the same params and data."""
@@ -278,44 +248,4 @@ def fit(module: Classifier, dm: ShardDataModule, cfg: TrainConfig, epochs: int, 
     except EffnetError as e:  # NaN loss: the checkpoint folder stays, holding the last checkpoint saved before it
         kept = Path(checkpoints) / LAST if checkpoints else None
         raise EffnetError(f"{e}; last good checkpoint kept: {kept}" if kept and kept.is_file() else str(e)) from None
-    return logger
-
-
-def run(params: Params, variant_key: str, shards: Path, out: Path) -> Path:
-    """Train variant `variant_key` on SHARDS; write the model bundle to OUT."""
-    cfg, variant = params.train, params.variant(variant_key)
-    recipe = variant.recipe
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: its init draws too
-    classes = read_manifest(shards)["classes"]
-    model = models.build(variant, len(classes), cfg.drop_rate, cfg.drop_path_rate, cfg.bn_momentum, cfg.pretrained)
-    if cfg.pretrained_file:
-        models.load_weights(model, cfg.pretrained_file, variant.name)
-    elif not cfg.pretrained:
-        # TF's head init, uniform(+-1/sqrt(classes)), is scaled for 1000 classes; with few classes it starts
-        # far above chance loss and stalls training from scratch. A small normal init starts at chance.
-        nn.init.normal_(model.get_classifier().weight, std=0.01)
-        nn.init.zeros_(model.get_classifier().bias)
-    dc = models.data_config(model, variant, cfg.img_size)
-    dm = shard_data(params, shards, dc, transforms.train_transform(dc, cfg.auto_augment, cfg.crop_scale, uint8=True),
-                    cfg.batch_size, cfg.seed)
-    devices = cfg.devices if isinstance(cfg.devices, int) else 1
-    global_batch = cfg.batch_size * devices * cfg.num_nodes
-    lr = cfg.lr or recipe.lr * global_batch / recipe.batch_size  # linear scaling rule from the card's batch
-    optimizer = dict(opt=cfg.opt, lr=lr, momentum=recipe.momentum,
-                     weight_decay=recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay)
-    if cfg.opt == "rmsproptf":
-        optimizer |= dict(alpha=recipe.rmsprop_decay, eps=1e-3)  # TF RMSProp: decay 0.9, epsilon 1e-3
-    schedule = dict(sched="step", decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
-                    warmup_epochs=cfg.warmup_epochs, warmup_lr=lr * 0.01)
-    smoothing = recipe.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
-    module = Classifier(model, len(classes), optimizer, schedule, smoothing, ema_decay=cfg.ema_decay,
-                        **speedups(cfg))
-    checkpoints = Path(cfg.checkpoint_dir) / variant_key
-    fit(module, dm, cfg, cfg.epochs, params.mlflow.experiment, f"train@{variant_key}",
-        {**cfg.model_dump(), "variant": variant.name, "lr_scaled": lr, "global_batch": global_batch,
-         "img_size": dc["img_size"], "num_classes": len(classes), "decode": "gpu" if dm.feed.decodes else "cpu"}, checkpoints=checkpoints)
-    spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
-                            phi=variant.phi, classes=classes, **dc)
-    models.save_bundle(module.eval_model, spec, out)  # the EMA weights when there is an EMA
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle is safe: nothing left to resume
-    return Path(out)
+    return logger.run_id if trainer.is_global_zero else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -22,19 +21,20 @@ import random
 import warnings
 from collections import Counter
 from functools import partial
+from io import BytesIO
 from pathlib import Path
 
 import fsspec
 import webdataset as wds
 from PIL import Image, ImageOps
+from pydantic import BaseModel
 
+from effnet import io
 from effnet.config import ShardConfig
+from effnet.data.manifest import MANIFEST, REJECTS, SPLITS, location
 from effnet.errors import EffnetError
 
-SPLITS = ("train", "val")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-MANIFEST = "manifest.json"
-REJECTS = "rejects.json"
 ORIENTATION = 0x0112  # EXIF tag
 
 
@@ -111,7 +111,7 @@ def prepare(data: bytes, cfg: ShardConfig) -> bytes:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ValueError(f"decompression bomb: {e}") from None
     except Exception as e:  # UnidentifiedImageError and friends
@@ -134,7 +134,7 @@ def prepare(data: bytes, cfg: ShardConfig) -> bytes:
         img = _to_rgb(ImageOps.exif_transpose(img))
         if _fit(*img.size, cfg.max_side) != img.size:  # after the transpose: w and h may have swapped
             img = img.resize(_fit(*img.size, cfg.max_side), Image.LANCZOS)
-        buf = io.BytesIO()
+        buf = BytesIO()
         img.save(buf, format="JPEG", quality=cfg.quality)
         return buf.getvalue()
     except Exception as e:  # PIL raises many types for corrupt data
@@ -161,20 +161,6 @@ def _pool(workers: int):
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
-
-def location(root: str | Path, name: str) -> str:
-    """NAME inside ROOT: a local folder, an fsspec URL, or a `pipe:` command with `{name}` in it."""
-    root = str(root)
-    if root.startswith("pipe:"):
-        return root.replace("{name}", name)
-    if "://" in root:
-        return f"{root.rstrip('/')}/{name}"
-    return str(Path(root) / name)
-
-
-def open_url(url: str, mode: str = "rb"):
-    return wds.gopen(url, mode) if url.startswith("pipe:") else fsspec.open(url, mode).open()
-
 
 class Shards:
     """Writes one split's samples into `<split>-NNNNNN.tar` files of at most `count` samples / `size` bytes (plus
@@ -219,40 +205,27 @@ def _progress(total: int):
                     console=console, disable=not console.is_terminal)
 
 
-def run(cfg: ShardConfig, src: Path, out: str | Path) -> dict:
-    """Shard SRC (an ImageFolder, or a CSV/TSV list) into OUT (a folder or fsspec URL); returns the manifest."""
+class ShardResult(BaseModel):
+    out: str
+    classes: list[str]
+    totals: dict[str, int]  # samples per split
+    rejects: list[dict]  # {"path", "reason"} of each skipped source file
+    fingerprint: str  # of every source file's bytes and label
+
+
+def run(cfg: ShardConfig, src: Path, out: str | Path) -> ShardResult:
+    """Shard SRC (an ImageFolder, or a CSV/TSV list) into OUT (a folder or fsspec URL)."""
+    src = Path(src)
     classes, files = list_source(src)
     fs, root = fsspec.core.url_to_fs(str(out))
     fs.makedirs(root, exist_ok=True)
     if fs.exists(f"{root}/{MANIFEST}"):
         fs.rm(f"{root}/{MANIFEST}")  # from here on OUT is incomplete until the new manifest lands
-    src = Path(src)
-    base = src.parent if src.is_file() else src
-    digests, rejects, splits = {}, [], {}
     jobs = {s: random.Random(cfg.seed).sample(files[s], len(files[s])) for s in SPLITS}
-    n_in = sum(len(j) for j in jobs.values())
-    workers = cfg.workers or os.cpu_count() or 1
-    with _pool(workers) as pool, _progress(n_in) as bar:
-        task = bar.add_task("shard", total=n_in)
-        for split in SPLITS:
-            sink, count = Shards(fs, root, split, cfg.samples_per_shard, cfg.shard_bytes), 0
-            results = pool.imap(partial(_work, cfg=cfg), [str(p) for p, _ in jobs[split]], chunksize=8)
-            for (path, label), (digest, jpeg, reason) in zip(jobs[split], results):
-                rel = os.path.relpath(path, base).replace(os.sep, "/")
-                digests[rel] = f"{label}:{digest}"
-                if jpeg is None:
-                    rejects.append({"path": rel, "reason": reason})
-                else:
-                    sink.write({"__key__": f"{count:09d}", "jpg": jpeg, "cls": label})
-                    count += 1
-                bar.advance(task)
-            sink.close()
-            splits[split] = {"shards": sink.done, "total": count,
-                             "rejected": len(jobs[split]) - count}
+    splits, digests, rejects = write_shards(cfg, jobs, fs, root, base=src.parent if src.is_file() else src)
     _remove_stale(fs, root, {s["name"] for sp in splits.values() for s in sp["shards"]})
-    rejects.sort(key=lambda r: r["path"])
-    with fs.open(f"{root}/{REJECTS}", "w") as f:
-        json.dump(rejects, f, indent=2)
+    io.write_atomic(f"{root}/{REJECTS}", json.dumps(rejects, indent=2), fs)
+    n_in = sum(len(j) for j in jobs.values())
     allowed = math.ceil(cfg.max_bad_fraction * n_in)  # rounded up: a tiny dataset may always lose a file
     if len(rejects) > allowed:
         raise EffnetError(f"{len(rejects)} of {n_in} images rejected ({len(rejects) / max(n_in, 1):.2%}), over "
@@ -263,10 +236,34 @@ def run(cfg: ShardConfig, src: Path, out: str | Path) -> dict:
                 "counts": {"inputs": n_in, "samples": n_in - len(rejects), "rejected": len(rejects),
                            "reasons": dict(sorted(Counter(r["reason"].split(":")[0] for r in rejects).items()))},
                 "rejects": rejects}
-    with fs.open(f"{root}/{MANIFEST}.tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    fs.mv(f"{root}/{MANIFEST}.tmp", f"{root}/{MANIFEST}")
-    return manifest
+    io.write_atomic(f"{root}/{MANIFEST}", json.dumps(manifest, indent=2), fs)  # last: OUT is complete now
+    return ShardResult(out=str(out), classes=classes, totals={k: v["total"] for k, v in splits.items()},
+                       rejects=rejects, fingerprint=fingerprint)
+
+
+def write_shards(cfg: ShardConfig, jobs: dict[str, list[tuple[Path, int]]], fs, root: str, base: Path
+                 ) -> tuple[dict, dict[str, str], list[dict]]:
+    """Check and write every split's files (in worker processes, results in order); returns the manifest's
+    `splits`, each source file's `label:sha256` by its path relative to BASE, and the rejects (sorted)."""
+    digests, rejects, splits = {}, [], {}
+    workers = cfg.workers or os.cpu_count() or 1
+    with _pool(workers) as pool, _progress(sum(len(j) for j in jobs.values())) as bar:
+        task = bar.add_task("shard", total=sum(len(j) for j in jobs.values()))
+        for split, todo in jobs.items():
+            sink, count = Shards(fs, root, split, cfg.samples_per_shard, cfg.shard_bytes), 0
+            results = pool.imap(partial(_work, cfg=cfg), [str(p) for p, _ in todo], chunksize=8)
+            for (path, label), (digest, jpeg, reason) in zip(todo, results):
+                rel = os.path.relpath(path, base).replace(os.sep, "/")
+                digests[rel] = f"{label}:{digest}"
+                if jpeg is None:
+                    rejects.append({"path": rel, "reason": reason})
+                else:
+                    sink.write({"__key__": f"{count:09d}", "jpg": jpeg, "cls": label})
+                    count += 1
+                bar.advance(task)
+            sink.close()
+            splits[split] = {"shards": sink.done, "total": count, "rejected": len(todo) - count}
+    return splits, digests, sorted(rejects, key=lambda r: r["path"])
 
 
 def _remove_stale(fs, root: str, keep: set[str]) -> None:
@@ -274,12 +271,3 @@ def _remove_stale(fs, root: str, keep: set[str]) -> None:
     for path in fs.glob(f"{root}/*.tar") + fs.glob(f"{root}/*.tmp"):
         if path.rsplit("/", 1)[-1] not in keep:
             fs.rm(path)
-
-
-def read_manifest(shards: str | Path) -> dict:
-    url = location(shards, MANIFEST)
-    try:
-        with open_url(url) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise EffnetError(f"no shard manifest at {url} (run `effnet shard` first)") from None

@@ -8,12 +8,13 @@ Deterministic: every image is drawn from its own RNG seeded by (seed, split, cla
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from pydantic import BaseModel
 
+from effnet import io
 from effnet.config import DemoDataConfig
 
 CLASSES = ["circle", "square", "triangle", "star", "cross", "ring", "stripes", "checker", "dots", "hexagon"]
@@ -101,20 +102,21 @@ def draw(cls: int, size: int, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def run(cfg: DemoDataConfig, out: Path) -> dict[str, int]:
-    """Write OUT/{train,val}/<class>/<index>.jpg; returns the image count per split."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+class DemoData(BaseModel):
+    out: Path
+    counts: dict[str, int]  # images per split
+
+
+def run(cfg: DemoDataConfig, out: Path) -> DemoData:
+    """Write OUT/{train,val}/<class>/<index>.jpg."""
     counts = {}
-    for split_id, (split, n) in enumerate([("train", cfg.train_per_class), ("val", cfg.val_per_class)]):
-        for cls in range(cfg.classes):
-            folder = tmp / split / CLASSES[cls]
-            folder.mkdir(parents=True)
-            for i in range(n):
-                rng = np.random.default_rng([cfg.seed, split_id, cls, i])
-                draw(cls, cfg.image_size, rng).save(folder / f"{i:05d}.jpg", quality=90)
-        counts[split] = n * cfg.classes
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return counts
+    with io.atomic_dir(out) as tmp:
+        for split_id, (split, n) in enumerate([("train", cfg.train_per_class), ("val", cfg.val_per_class)]):
+            for cls in range(cfg.classes):
+                folder = tmp / split / CLASSES[cls]
+                folder.mkdir(parents=True)
+                for i in range(n):
+                    rng = np.random.default_rng([cfg.seed, split_id, cls, i])
+                    draw(cls, cfg.image_size, rng).save(folder / f"{i:05d}.jpg", quality=90)
+            counts[split] = n * cfg.classes
+    return DemoData(out=Path(out), counts=counts)

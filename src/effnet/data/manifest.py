@@ -1,0 +1,44 @@
+"""Where shards live and what they hold: `manifest.json` (classes, splits, shard files, counts, the source
+fingerprint), written last by the `shard` stage and read by everything downstream. Shards may be in a local folder,
+at an fsspec URL (s3://, gs://, memory://...) or behind a `pipe:` command with `{name}` in it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import webdataset as wds
+
+from effnet.errors import EffnetError
+
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+REJECTS = "rejects.json"
+
+
+def location(root: str | Path, name: str) -> str:
+    """NAME inside ROOT: a local folder, an fsspec URL, or a `pipe:` command with `{name}` in it."""
+    root = str(root)
+    if root.startswith("pipe:"):
+        return root.replace("{name}", name)
+    if "://" in root:
+        return f"{root.rstrip('/')}/{name}"
+    return str(Path(root) / name)
+
+
+def open_url(url: str, mode: str = "rb"):
+    return wds.gopen(url, mode) if url.startswith("pipe:") else fsspec.open(url, mode).open()
+
+
+def read_manifest(shards: str | Path) -> dict:
+    url = location(shards, MANIFEST)
+    try:
+        with open_url(url) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise EffnetError(f"no shard manifest at {url} (run `effnet shard` first)") from None
+
+
+def shard_urls(shards: str | Path, split: str) -> list[str]:
+    """The locations of SPLIT's shard files, in manifest order."""
+    return [location(shards, s["name"]) for s in read_manifest(shards)["splits"][split]["shards"]]

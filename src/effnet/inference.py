@@ -1,0 +1,84 @@
+"""Measuring a model on the shards: top-1/top-5 over a split in one pass (with any extra torchmetrics), and the
+per-class figures (confusion matrix, precision, recall).
+
+On CUDA the model runs in bf16 autocast and channels_last, fed by the same device path as training; eager: the
+evaluate stage's sweep runs each model at many resolutions, where compiling each would cost more than it saves."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassPrecision,
+                                         MulticlassRecall)
+
+from effnet.data import transforms
+from effnet.data.feed import DeviceFeed
+from effnet.data.stream import DevicePrefetcher, eval_loader
+from effnet.models import Preprocessing
+
+
+@torch.inference_mode()
+def accuracy(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, batch_size: int, num_workers: int,
+             extra: Sequence[Metric] = (), feed: DeviceFeed | None = None,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top-1 and top-5 (in %) of `model` over the val split with preprocessing PRE, on DEVICE, the batches finished
+    there by FEED (default: the CPU decode path's). EXTRA metrics (torchmetrics, e.g. `ClassStats`) are updated
+    with the same logits and labels in the same pass."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    feed = feed or DeviceFeed(pre.mean, pre.std, channels_last=cuda)
+    n = model.get_classifier().out_features
+    top1, top5 = MulticlassAccuracy(n, average="micro"), MulticlassAccuracy(n, top_k=min(5, n), average="micro")
+    metrics = [m.to(device) for m in (top1, top5, *extra)]
+    model.eval().to(device, memory_format=torch.channels_last if feed.channels_last else torch.preserve_format)
+    loader = eval_loader(shards, None if feed.decodes else transforms.eval_transform(pre, uint8=True), batch_size,
+                         num_workers, pin_memory=cuda)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        for x, y, _ in DevicePrefetcher(loader, feed, False, device):
+            logits = model(x).float()
+            for metric in metrics:
+                metric.update(logits, y)
+    return {"top1": round(100 * top1.compute().item(), 4), "top5": round(100 * top5.compute().item(), 4)}
+
+
+class ClassStats:
+    """Confusion matrix (rows: actual, columns: predicted) and per-class precision/recall, by torchmetrics."""
+
+    def __init__(self, classes: list[str]):
+        n = len(classes)
+        self.classes = classes
+        self.confusion = MulticlassConfusionMatrix(n)
+        self.precision = MulticlassPrecision(n, average=None, zero_division=0)
+        self.recall = MulticlassRecall(n, average=None, zero_division=0)
+
+    @property
+    def metrics(self) -> list[Metric]:
+        return [self.confusion, self.precision, self.recall]
+
+    def matrix(self) -> list[list[int]]:
+        return self.confusion.compute().tolist()
+
+    def macro(self) -> dict[str, float]:
+        """Precision and recall (in %) averaged over classes (torchmetrics' macro average)."""
+        return {k: round(100 * m.compute().mean().item(), 4)
+                for k, m in (("macro_precision", self.precision), ("macro_recall", self.recall))}
+
+    def table(self) -> list[dict]:
+        """One row per class: precision and recall (in %), support (val images of the class), predicted."""
+        cm = self.confusion.compute()
+        precision, recall = self.precision.compute().tolist(), self.recall.compute().tolist()
+        support, predicted = cm.sum(dim=1).tolist(), cm.sum(dim=0).tolist()
+        return [{"class": c, "precision": round(100 * p, 4), "recall": round(100 * r, 4), "support": int(s),
+                 "predicted": int(q)}
+                for c, p, r, s, q in zip(self.classes, precision, recall, support, predicted)]
+
+    def rows(self) -> list[dict]:
+        return confusion_rows(self.matrix(), self.classes)
+
+
+def confusion_rows(matrix: list[list[int]], classes: list[str]) -> list[dict]:
+    """DVC's confusion template input: one {actual, predicted} row per image (class names)."""
+    return [{"actual": classes[i], "predicted": classes[j]}
+            for i, counts in enumerate(matrix) for j, count in enumerate(counts) for _ in range(count)]

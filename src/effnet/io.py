@@ -1,0 +1,79 @@
+"""File helpers every stage shares: atomic writes (a temp name, then a rename, so a killed stage leaves the old file
+or the new one, never half of one) and sha256 hashing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def write_atomic(path: str | Path, data: str | bytes, fs=None) -> None:
+    """Write DATA to PATH through `PATH.tmp`; with FS (an fsspec filesystem), on that filesystem."""
+    tmp = f"{path}.tmp"
+    if fs is not None:
+        with fs.open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        fs.mv(tmp, str(path))
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj, fs=None) -> None:
+    """OBJ as indented JSON with a final newline, written atomically."""
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n", fs)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A folder written whole or not at all: yields `PATH.tmp` (emptied first), which replaces PATH when the block
+    succeeds; on an error it is removed and PATH is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def sha256_stream(f, h=None):
+    """Feed the binary file object F into H (a new sha256 by default) in chunks; returns H."""
+    h = h or hashlib.sha256()
+    for chunk in iter(lambda: f.read(CHUNK), b""):
+        h.update(chunk)
+    return h
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f).hexdigest()
+
+
+def sha256_tree(folder: str | Path) -> str:
+    """One hash over a folder: every file's relative name and bytes, in sorted order."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+            with p.open("rb") as f:
+                sha256_stream(f, h)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    """A hash of a JSON-able value that does not depend on key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,113 @@
+"""The `train` stage: a timm TF-EfficientNet fitted by a Lightning Trainer on the shards, with the card's recipe
+(`lightning.fit`); the model exported is the EMA of the weights when there is one."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pydantic import BaseModel
+from torch import nn
+
+from effnet import lightning, models
+from effnet.config import Params, TrainConfig
+from effnet.data import feed, transforms
+from effnet.data.manifest import read_manifest
+from effnet.variants import Recipe, Variant
+
+
+class TrainResult(BaseModel):
+    bundle: Path
+    run_id: str | None  # the MLflow run (None on DDP ranks other than 0)
+    spec: models.ModelSpec
+    lr: float  # after the linear scaling rule
+    global_batch: int
+    decode: str  # the data path that ran: cpu or gpu
+
+
+@dataclass
+class Trained:
+    """A fitted Classifier and what describes it, before anything is written."""
+
+    module: lightning.Classifier
+    spec: models.ModelSpec
+    run_id: str | None
+    lr: float
+    global_batch: int
+    decode: str
+
+
+def run(params: Params, variant_key: str, shards: str | Path, out: Path) -> TrainResult:
+    """Train variant `variant_key` on SHARDS; write the model bundle to OUT."""
+    trained = fit_model(params, variant_key, shards)
+    write(trained, params, out)
+    return TrainResult(bundle=Path(out), run_id=trained.run_id, spec=trained.spec, lr=trained.lr,
+                       global_batch=trained.global_batch, decode=trained.decode)
+
+
+def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
+    """Build the model and fit it: the MLflow run `train@<variant_key>`, resumed from the variant's checkpoint."""
+    cfg, variant = params.train, params.variant(variant_key)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: its init draws too
+    classes = read_manifest(shards)["classes"]
+    model = build_model(cfg, variant, len(classes))
+    pre = models.preprocessing(model, variant, cfg.img_size)
+    speed = lightning.speedups(cfg)
+    train_tf = transforms.train_transform(pre, cfg.auto_augment, cfg.crop_scale, uint8=True)
+    dm = feed.data_module(params, shards, pre, train_tf, cfg.batch_size, cfg.seed, speed["channels_last"])
+    global_batch = cfg.batch_size * (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
+    lr = cfg.lr or scaled_lr(variant.recipe, global_batch)
+    smoothing = variant.recipe.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
+    module = lightning.Classifier(model, len(classes), optimizer_kwargs(cfg, variant.recipe, lr),
+                                  schedule_kwargs(cfg, lr), smoothing, ema_decay=cfg.ema_decay, **speed)
+    decode = "gpu" if dm.feed.decodes else "cpu"
+    logged = {**cfg.model_dump(), "variant": variant.name, "lr_scaled": lr, "global_batch": global_batch,
+              "img_size": pre.img_size, "num_classes": len(classes), "decode": decode}
+    run_id = lightning.fit(module, dm, cfg, cfg.epochs, params.mlflow.experiment, f"train@{variant_key}", logged,
+                           checkpoints=checkpoint_folder(cfg, variant_key))
+    spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
+                            phi=variant.phi, classes=classes, preprocessing=pre)
+    return Trained(module, spec, run_id, lr, global_batch, decode)
+
+
+def write(trained: Trained, params: Params, out: Path) -> None:
+    """The bundle (the EMA weights when there is an EMA); then the checkpoints go: nothing is left to resume."""
+    models.save_bundle(trained.module.eval_model, trained.spec, out)
+    shutil.rmtree(checkpoint_folder(params.train, trained.spec.variant), ignore_errors=True)
+
+
+def build_model(cfg: TrainConfig, variant: Variant, num_classes: int) -> nn.Module:
+    model = models.build(variant, num_classes, cfg.drop_rate, cfg.drop_path_rate, cfg.bn_momentum, cfg.pretrained)
+    if cfg.pretrained_file:
+        models.load_weights(model, cfg.pretrained_file, variant.name)
+    elif not cfg.pretrained:
+        # TF's head init, uniform(+-1/sqrt(classes)), is scaled for 1000 classes; with few classes it starts
+        # far above chance loss and stalls training from scratch. A small normal init starts at chance.
+        nn.init.normal_(model.get_classifier().weight, std=0.01)
+        nn.init.zeros_(model.get_classifier().bias)
+    return model
+
+
+def scaled_lr(recipe: Recipe, global_batch: int) -> float:
+    """The linear scaling rule: the card's LR at the card's batch, scaled to GLOBAL_BATCH."""
+    return recipe.lr * global_batch / recipe.batch_size
+
+
+def optimizer_kwargs(cfg: TrainConfig, recipe: Recipe, lr: float) -> dict:
+    """timm's `create_optimizer_v2` arguments."""
+    kwargs = dict(opt=cfg.opt, lr=lr, momentum=recipe.momentum,
+                  weight_decay=recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay)
+    if cfg.opt == "rmsproptf":
+        kwargs |= dict(alpha=recipe.rmsprop_decay, eps=1e-3)  # TF RMSProp: decay 0.9, epsilon 1e-3
+    return kwargs
+
+
+def schedule_kwargs(cfg: TrainConfig, lr: float) -> dict:
+    """timm's `create_scheduler_v2` arguments: warm-up, then LR x decay_rate every decay_epochs."""
+    return dict(sched="step", decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
+                warmup_epochs=cfg.warmup_epochs, warmup_lr=lr * 0.01)
+
+
+def checkpoint_folder(cfg: TrainConfig, variant_key: str) -> Path:
+    return Path(cfg.checkpoint_dir) / variant_key
