@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 UI_PORT ?= 5000
 
-.PHONY: install demo ui serve test test-all lock clean
+.PHONY: install demo ui serve test test-all zoo lock clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,9 @@ test: install  ## the layering contracts, then the fast suite (what CI runs)
 
 test-all: install  ## including the `slow` tests
 	$(PY) -m pytest -m ""
+
+zoo: install  ## all 13 card variants through the whole DAG on tiny data (slow); prints its time and peak memory
+	$(PY) -m pytest -m slow tests/test_zoo.py -s
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
 	$(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 \

@@ -35,7 +35,7 @@ from effnet.stages import fixres
 from effnet.stages.fixres import TRAINABLE
 
 CLASSES, BATCH, SIZE = 4, 8, 32
-FIXRES_SIZE = round(SIZE * 1.25)  # params.yaml's fixres.scale
+FIXRES_SIZE = round(SIZE * 1.25)  # a FixRes resolution
 STATIC = dict(dynamic=False)
 OPTIMIZER = dict(opt="momentum", lr=0.01, momentum=0.9, weight_decay=0.0)
 FULL, PARTIAL = (BATCH, 3, SIZE, SIZE), (3, 3, SIZE, SIZE)
@@ -128,7 +128,7 @@ def run_fixres(tiny_params, tmp_path, compile: bool) -> Classifier:
     models.save_bundle(model, spec, tmp_path / "trained")
     train = tiny_params.train.model_copy(update={"compile": compile, "channels_last": True})
     params = tiny_params.model_copy(update={"train": train})
-    tuning = fixres.prepare(params, tmp_path / "trained")
+    tuning = fixres.prepare(params, *models.load_bundle(tmp_path / "trained"), FIXRES_SIZE)
     assert tuning.spec.img_size == FIXRES_SIZE
     module = tuning.module
     module.train()

@@ -3,14 +3,19 @@ and the final model's per-class figures (confusion matrix, precision/recall) wit
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import logging
+
 import mlflow
+import pytest
 import torch
 
 from effnet import inference, models
-from effnet.data.manifest import read_manifest
-from effnet.stages import evaluate
+from effnet.data import gpu, stream
+from effnet.data.manifest import in_holdout, read_manifest
+from effnet.stages import evaluate, fixres, shard
 
 
 def test_class_stats_confusion_precision_recall_and_dvc_rows():
@@ -49,6 +54,7 @@ def test_evaluate_sweeps_both_models_and_writes_plot_and_png(tiny_params, shards
     result = evaluate.run(params, "tiny", shards_dir, bundles, workspace / "metrics.json")
     metrics = result.metrics
     assert json.loads((workspace / "metrics.json").read_text()) == metrics
+    selected = metrics.pop("selected")
     assert {label: set(m) for label, m in metrics.items()} == dict.fromkeys(bundles, {"res32", "res40"})
     rows = json.loads((workspace / "plots/tiny_resolution.json").read_text())
     assert [r["resolution"] for r in rows] == [24, 32, 40, 48]
@@ -56,30 +62,65 @@ def test_evaluate_sweeps_both_models_and_writes_plot_and_png(tiny_params, shards
         assert set(row) == {"resolution", *bundles} and all(0 <= row[k] <= 100 for k in bundles)
         if row["resolution"] in (32, 40):
             assert row["trained"] == metrics["trained"][f"res{row['resolution']}"]["top1"]
+    # The selected candidate: the best val top-1 of every (model, resolution); ties to the smaller resolution,
+    # then to the model given first. No test split here: it is reported on val.
+    best = max((row[label], -row["resolution"], -list(bundles).index(label), label, row["resolution"])
+               for row in rows for label in bundles)
+    assert (selected["model"], selected["resolution"], selected["val_top1"]) == (best[3], best[4], best[0])
+    assert set(selected) == {"model", "resolution", "val_top1", "val_top5"}
+    at = f"{selected['model']}_res{selected['resolution']}_val"
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     run = client.get_run(result.run_id)
-    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
-        "confusion_fixres_res40.png", "manifest.json", "per_class_fixres_res40.csv", "per_class_fixres_res40.json",
-        "tiny_resolution.png"]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == sorted([
+        f"confusion_{at}.png", "manifest.json", f"per_class_{at}.csv", f"per_class_{at}.json", "tiny_resolution.png"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "sweep.fixres.top1")] == [24, 32, 40, 48]
-    # The final (fixres) model at its resolution: DVC confusion rows, per-class table, manifest, system metrics.
+    assert run.data.params["selected.model"] == selected["model"] and run.data.params["reported_on"] == "val"
+    # The selected candidate on the reported split: DVC confusion rows, per-class table, manifest, system metrics.
     manifest = read_manifest(shards_dir)
     confusion = json.loads((workspace / "plots/confusion/tiny.json").read_text())
     assert len(confusion) == manifest["splits"]["val"]["total"]
     assert all(set(r) == {"actual", "predicted"} and {r["actual"], r["predicted"]} <= set("abcd") for r in confusion)
     correct = sum(r["actual"] == r["predicted"] for r in confusion)
-    assert round(100 * correct / len(confusion), 4) == metrics["fixres"]["res40"]["top1"]
+    assert round(100 * correct / len(confusion), 4) == selected["val_top1"]
     local = Path(client.download_artifacts(run.info.run_id, "", str(workspace / "downloaded")))
     assert json.loads((local / "manifest.json").read_text()) == manifest
-    table = json.loads((local / "per_class_fixres_res40.json").read_text())  # mlflow.log_table: pandas "split"
+    table = json.loads((local / f"per_class_{at}.json").read_text())  # mlflow.log_table: pandas "split"
     assert [row[0] for row in table["data"]] == list("abcd")
     assert table["columns"] == ["class", "precision", "recall", "support", "predicted"]
     assert sum(row[3] for row in table["data"]) == len(confusion)
-    assert (local / "confusion_fixres_res40.png").read_bytes()[:4] == b"\x89PNG"
+    assert (local / f"confusion_{at}.png").read_bytes()[:4] == b"\x89PNG"
     data = run.data
-    assert {"fixres.res40.macro_precision", "fixres.res40.macro_recall"} <= set(data.metrics)
+    assert {"selected.val_macro_precision", "selected.val_macro_recall", "selected.val_top1"} <= set(data.metrics)
     assert data.params["evaluate.batch_size"] == str(tiny_params.evaluate.batch_size)
-    assert any(k.startswith("system/") for k in data.metrics), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING from tracking"
+    assert any(k.startswith("system/") for k in data.metrics), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING from env"
+
+
+def test_selection_prefers_top1_then_the_smaller_resolution_then_the_first_model():
+    sweep = {"trained": {32: {"top1": 50.0, "top5": 90.0}, 40: {"top1": 60.0, "top5": 91.0}},
+             "fixres": {32: {"top1": 60.0, "top5": 92.0}, 40: {"top1": 55.0, "top5": 93.0}}}
+    assert evaluate.select(sweep, ["trained", "fixres"]).model_dump() == {
+        "model": "fixres", "resolution": 32, "top1": 60.0, "top5": 92.0}  # 60 at 32 beats 60 at 40
+    sweep["trained"][32]["top1"] = 60.0
+    assert evaluate.select(sweep, ["trained", "fixres"]).model == "trained"  # same top-1, same size: given first
+
+
+def test_with_a_test_split_the_selected_candidate_is_reported_on_test(tiny_params, demo_dir, workspace):
+    src = workspace / "src"
+    shutil.copytree(demo_dir, src)
+    shutil.copytree(demo_dir / "val", src / "test")
+    shard.run(tiny_params.shard, src, workspace / "shards")
+    variant = tiny_params.variant("tiny")
+    model = models.build(variant, num_classes=4)
+    models.save_bundle(model, models.ModelSpec(variant="tiny", phi=-6, classes=sorted(p.name for p in (
+        src / "train").iterdir()), preprocessing=models.preprocessing(model, variant, 32)), workspace / "trained")
+    params = tiny_params.model_copy(update={"evaluate": tiny_params.evaluate.model_copy(update={"sweep": [1.0]})})
+    selected = evaluate.run(params, "tiny", workspace / "shards", {"trained": workspace / "trained"},
+                            workspace / "m.json").metrics["selected"]
+    assert (selected["model"], selected["resolution"]) == ("trained", 32)
+    # test holds val's images: the same figures, measured on the other split
+    assert (selected["test_top1"], selected["test_top5"]) == (selected["val_top1"], selected["val_top5"])
+    confusion = json.loads((workspace / "plots/confusion/tiny.json").read_text())
+    assert len(confusion) == read_manifest(workspace / "shards")["splits"]["test"]["total"]
 
 
 def test_exact_mean_batchnorm_matches_momentum_none_and_keeps_the_state_dict():
@@ -105,3 +146,63 @@ def test_exact_mean_batchnorm_matches_momentum_none_and_keeps_the_state_dict():
     ours.eval(), ref.eval()
     x = torch.randn(2, 6, 5, 5)
     assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+# --- FixRes's resolution choice ----------------------------------------------------------------------------------
+
+def _untrained_bundle(tiny_params, path, size=32):
+    variant = tiny_params.variant("tiny")
+    torch.manual_seed(0)
+    model = models.build(variant, num_classes=4)
+    spec = models.ModelSpec(variant="tiny", phi=-6, classes=list("abcd"),
+                            preprocessing=models.preprocessing(model, variant, size))
+    models.save_bundle(model, spec, path)
+    return models.load_bundle(path)
+
+
+def test_auto_resolution_and_scope_are_chosen_on_the_training_images_held_out_of_training(tiny_params, shards_dir,
+                                                                                        workspace):
+    params = tiny_params.model_copy(update={
+        "data": tiny_params.data.model_copy(update={"holdout": 0.3}),
+        "fixres": tiny_params.fixres.model_copy(update={"img_size": "auto", "min_holdout": 10,
+                                                         "candidates": [1.0, 1.25, 1.5]})})
+    _untrained_bundle(tiny_params, workspace / "trained")
+    result = fixres.run(params, "tiny", shards_dir, workspace / "trained", workspace / "fixres")
+    choice = result.choice
+    assert choice.how == "auto" and {scope: set(by_size) for scope, by_size in choice.scores.items()} == {
+        "last": {32, 40, 48}, "all": {32, 40, 48}}
+    ranked = max((score, -size, -fixres.SCOPES.index(scope), size, scope)
+                 for scope, by_size in choice.scores.items() for size, score in by_size.items())
+    assert (choice.img_size, choice.scope) == ranked[-2:] and result.img_size == choice.img_size
+    assert models.load_bundle(workspace / "fixres")[1].img_size == choice.img_size
+    # the fine-tune is kept only where it does at least as well on the held-out images
+    assert result.fine_tuned == (result.holdout_top1["fine_tuned"] >= result.holdout_top1["adapted"])
+    assert result.holdout_top1["adapted"] == choice.scores[choice.scope][choice.img_size]
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    for scope, by_size in choice.scores.items():
+        curve = client.get_metric_history(result.run_id, f"choice.{scope}_bn.holdout_top1")
+        assert {m.step: m.value for m in curve} == pytest.approx(by_size)
+    logged = client.get_run(result.run_id).data.params
+    assert logged["chosen_by"] == "auto" and logged["batchnorm_scope"] == choice.scope
+
+
+def test_too_few_held_out_images_fall_back_to_the_scale_in_one_line(tiny_params, shards_dir, workspace, caplog):
+    model, spec = _untrained_bundle(tiny_params, workspace / "trained")
+    with caplog.at_level(logging.WARNING, logger="effnet.stages.fixres"):
+        choice = fixres.choose(tiny_params, model, spec, shards_dir)  # 96 x 0.1 held out: < 50
+    assert choice.img_size == round(32 * tiny_params.fixres.scale) and choice.how.startswith("scale (too few")
+    assert choice.scope == "last" and choice.scores == {}
+    warned = [r.getMessage() for r in caplog.records if r.name == "effnet.stages.fixres"]
+    assert len(warned) == 1 and "fixres.min_holdout" in warned[0] and "\n" not in warned[0]
+
+
+def test_training_never_sees_the_held_out_samples(shards_dir):
+    held = {bytes(b) for (flat, sizes), _, _ in stream.eval_loader(
+        shards_dir, None, 8, 0, split="train", keep=lambda key: in_holdout(key, 0.3))
+        for b in gpu.unpack(flat, sizes)}
+    total = read_manifest(shards_dir)["splits"]["train"]["total"]
+    assert 0 < len(held) < total
+    loader = stream.train_loader(shards_dir, None, 4, 0, 16, holdout=0.3)
+    seen = {bytes(b) for _ in range(3) for (flat, sizes), _ in loader for b in gpu.unpack(flat, sizes)}
+    assert seen and not seen & held
+    assert len(loader) == round(total * 0.7) // 4

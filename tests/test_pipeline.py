@@ -31,7 +31,7 @@ def test_the_flow_ran_every_stage_through_dvc_and_returned_the_metrics(pipeline)
     lock = yaml.safe_load((pipeline.repo / "dvc.lock").read_text())
     assert sorted(lock["stages"]) == sorted(STAGES)
     assert pipeline.metrics["tiny"] == json.loads((pipeline.repo / "metrics/tiny.json").read_text())
-    assert set(pipeline.metrics["tiny"]) == {"trained", "fixres"}
+    assert set(pipeline.metrics["tiny"]) == {"trained", "fixres", "selected"}
     client = mlflow.MlflowClient(pipeline.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("effnet").experiment_id])
     flow_runs = {r.data.tags.get("effnet.pipeline_run") for r in runs}
@@ -62,6 +62,6 @@ def test_flow_rejects_an_unknown_variant_before_any_work(tmp_path):
     from flows.pipeline import pipeline
 
     repo = git_workspace(tmp_path)
-    with prefect_test_harness(), pytest.raises(EffnetError, match="variants.nope"):
+    with prefect_test_harness(server_startup_timeout=120), pytest.raises(EffnetError, match="variants.nope"):
         pipeline(workspace=str(repo), variants=["nope"])
     assert not (repo / "data").exists()

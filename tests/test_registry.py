@@ -1,5 +1,6 @@
-"""The register stage against a real MLflow store, on an untrained tiny bundle (no training: fast):
-idempotence, the model card as tags and description, the pyfunc's inputs, promotion on the same val data only."""
+"""The register stage against a real MLflow store, on untrained tiny bundles (no training: fast): it publishes exactly
+the candidate evaluate selected, idempotently, with lean tags and the model card as description; the pyfunc's
+inputs; promotion on the same evaluated data only."""
 from __future__ import annotations
 
 import json
@@ -13,12 +14,20 @@ from PIL import Image
 
 from effnet import models, tracking
 from effnet.data.manifest import read_manifest
+from effnet.errors import EffnetError
 from effnet.stages import register, shard
 
 
-def metrics(top1: float, train: int = 32, fixres: int = 40) -> dict:
-    m = {f"res{s}": {"top1": top1, "top5": min(100.0, top1 + 20)} for s in (train, fixres)}
-    return {"trained": m, "fixres": m}
+def metrics(top1: float, model: str = "fixres", resolution: int = 40, test: bool = False) -> dict:
+    """evaluate's metrics JSON, with MODEL at RESOLUTION selected at TOP1 (on test too, 1 point lower, with TEST)."""
+    m = {f"res{s}": {"top1": top1 - 5, "top5": 90.0} for s in (32, 40)}
+    selected = {"model": model, "resolution": resolution, "val_top1": top1, "val_top5": min(100.0, top1 + 20)}
+    if test:
+        selected |= {"test_top1": top1 - 1, "test_top5": min(100.0, top1 + 19)}
+    return {"trained": m, "fixres": m, "selected": selected}
+
+
+CANDIDATES = [{"resolution": 32, "trained": 40.0, "fixres": 41.0}, {"resolution": 40, "trained": 38.0, "fixres": 50.0}]
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +43,25 @@ def store(tmp_path_factory, tiny_params, shards_dir):
     model = models.build(variant, len(classes))
     spec = models.ModelSpec(variant="tiny", phi=variant.phi, classes=classes,
                             preprocessing=models.preprocessing(model, variant, 40))
-    models.save_bundle(model, spec, ws / "bundle")
+    models.save_bundle(model, spec, ws / "fixres")
+    models.save_bundle(models.build(variant, len(classes)),
+                       spec.model_copy(update={"preprocessing": spec.preprocessing.at(32)}), ws / "trained")
+    bundles = {"trained": ws / "trained", "fixres": ws / "fixres"}
     (ws / "m.json").write_text(json.dumps(metrics(50.0)))
-    first = register.run(tiny_params, "tiny", ws / "bundle", ws / "m.json", ws / "rec.json", shards=shards_dir)
+    (ws / "plot.json").write_text(json.dumps(CANDIDATES))
+
+    def publish(metrics_file, out, params=tiny_params, shards=shards_dir):
+        return register.run(params, "tiny", ws / metrics_file, bundles, ws / out, shards=shards, plot=ws / "plot.json")
+
+    first = publish("m.json", "rec.json")
     client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    yield dict(ws=ws, first=first, client=client, spec=spec, shards=shards_dir, mp=mp)
+    yield dict(ws=ws, first=first, client=client, spec=spec, shards=shards_dir, mp=mp, publish=publish)
     mp.undo()
 
 
 def test_registering_the_same_run_twice_creates_no_second_version(store, tiny_params):
     ws, client = store["ws"], store["client"]
-    again = register.run(tiny_params, "tiny", ws / "bundle", ws / "m.json", ws / "rec2.json", shards=store["shards"])
+    again = store["publish"]("m.json", "rec2.json")
     assert again.version == store["first"].version and again.already_registered is True
     assert again.run_id == store["first"].run_id
     assert len(client.search_model_versions("name = 'tiny'")) == 1
@@ -52,21 +69,60 @@ def test_registering_the_same_run_twice_creates_no_second_version(store, tiny_pa
     assert len(runs) == 1
 
 
-def test_version_carries_the_card_and_the_measured_figures(store):
+def test_version_tags_are_the_figures_users_compare_and_the_card_is_the_description(store):
     mv = store["client"].get_model_version("tiny", store["first"].version)
-    t = mv.tags
-    assert t["variant"] == "tiny" and t["measured_top1"] == "50.0" and t["measured_top5"] == "70.0"
-    assert t["img_size"] == t["fixres_img_size"] == "40" and t["train_img_size"] == "32"
-    assert t["crop_pct"] == "0.875" and t["recipe.lr"] == "0.256" and int(t["params"]) > 0 and float(t["gmacs"]) > 0
     manifest = read_manifest(store["shards"])
-    assert t["data_fingerprint"] == manifest["fingerprint"] and len(t["val_fingerprint"]) == 64
-    assert t["effnet.pipeline_run"] == "flow-run-1"
-    assert mv.description.startswith("# ") and "| top-1 (%) |" in mv.description and "## Preprocessing" in mv.description
-    decision = json.loads(t["promotion"])
-    assert decision["promoted"] is True and decision["reason"] == "no champion yet"
+    assert mv.tags == {
+        "variant": "tiny", "model": "tf_efficientnet_phi-6", "measured_top1": "50.0", "measured_top5": "70.0",
+        "measured_on": "val", "img_size": "40", "selected_model": "fixres",
+        "data_fingerprint": manifest["fingerprint"], "eval_fingerprint": mv.tags["eval_fingerprint"]}
+    assert len(mv.tags["eval_fingerprint"]) == 64
+    card = mv.description
+    assert card.startswith("# ") and "selected on val and measured on val" in card and "## Preprocessing" in card
+    assert "| 40 | 38.0 | **50.0** |" in card  # the candidate table, the published one in bold
+    assert "| recipe.lr | 0.256 |" in card and "effnet.pipeline_run: `flow-run-1`" in card
     run = mlflow.get_run(store["first"].run_id)
     assert run.data.tags["effnet.pipeline_run"] == "flow-run-1" and run.data.tags["effnet.params_hash"]
+    assert run.data.params["selected_model"] == "fixres" and run.data.params["img_size"] == "40"
     assert json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/promotion.json"))["promoted"] is True
+
+
+def test_the_published_model_is_the_selected_one_at_the_selected_resolution(store, tiny_params, demo_dir,
+                                                                           tmp_path):
+    """evaluate selected the trained model at 48 px and measured it on a test split: the version holds the trained
+    weights with 48 px preprocessing, predicts exactly as that bundle does at 48 px, and shows the test figure."""
+    ws = store["ws"]
+    with_test = tmp_path / "with-test"
+    shutil.copytree(demo_dir, with_test)
+    shutil.copytree(demo_dir / "val", with_test / "test", ignore=lambda d, names: sorted(names)[:1])  # not val's
+    shard.run(tiny_params.shard, with_test, tmp_path / "shards")
+    (ws / "trained48.json").write_text(json.dumps(metrics(60.0, model="trained", resolution=48, test=True)))
+    with pytest.raises(EffnetError, match="no test split"):  # measured on test: the shards must have one
+        store["publish"]("trained48.json", "rec48.json")
+    record = store["publish"]("trained48.json", "rec48.json", shards=tmp_path / "shards")
+    mv = store["client"].get_model_version("tiny", record.version)
+    assert (mv.tags["selected_model"], mv.tags["img_size"], mv.tags["measured_on"]) == ("trained", "48", "test")
+    assert mv.tags["measured_top1"] == "59.0" and "selected on val, measured on test" in mv.description
+    assert record.promoted is False and record.same_data is False  # the champion was measured on other data
+    model = mlflow.pyfunc.load_model(record.model_uri)
+    assert model.metadata.metadata["preprocessing"]["img_size"] == 48
+    paths = [str(p) for p in sorted((demo_dir / "val").rglob("*.jpg"))[:4]]
+    served = model.predict(np.array(paths, dtype=object)).to_numpy()
+    weights, spec = models.load_bundle(ws / "trained")
+    from effnet.data import transforms
+    tf = transforms.eval_transform(spec.preprocessing.at(48))
+    import torch
+    with torch.inference_mode():
+        direct = weights(torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])).softmax(1).numpy()
+    np.testing.assert_allclose(served, direct, atol=1e-5)
+
+
+def test_a_selected_model_not_given_is_one_line_naming_it(store, tiny_params):
+    ws = store["ws"]
+    (ws / "other.json").write_text(json.dumps(metrics(60.0, model="fixres2")))
+    with pytest.raises(EffnetError, match="selected 'fixres2'"):
+        store["publish"]("other.json", "nope.json")
+    assert not (ws / "nope.json").exists()
 
 
 def test_pyfunc_takes_arrays_and_paths_and_returns_named_probabilities(store, demo_dir):
@@ -85,7 +141,7 @@ def test_pyfunc_takes_arrays_and_paths_and_returns_named_probabilities(store, de
     assert model.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1, 3)
 
 
-def test_promotion_compares_only_on_the_same_val_data(store, tiny_params, demo_dir, tmp_path):
+def test_promotion_compares_only_on_the_same_evaluated_data(store, tiny_params, demo_dir, tmp_path):
     ws, client = store["ws"], store["client"]
     champion = store["first"].version
     # Better top-1, but measured on other val data (one val image fewer): not comparable, stays challenger.
@@ -94,20 +150,19 @@ def test_promotion_compares_only_on_the_same_val_data(store, tiny_params, demo_d
     next((other_data / "val").rglob("*.jpg")).unlink()
     shard.run(tiny_params.shard, other_data, tmp_path / "other-shards")
     (ws / "better.json").write_text(json.dumps(metrics(90.0)))
-    other = register.run(tiny_params, "tiny", ws / "bundle", ws / "better.json", ws / "r3.json",
-                         shards=tmp_path / "other-shards")
-    assert other.promoted is False and other.same_val_data is False and "other val data" in other.reason
+    other = store["publish"]("better.json", "r3.json", shards=tmp_path / "other-shards")
+    assert other.promoted is False and other.same_data is False and "other data" in other.reason
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == champion
     assert str(client.get_model_version_by_alias("tiny", "challenger").version) == other.version
     # Same val data: within the margin it stays challenger, beyond it becomes champion.
     strict = tiny_params.registry.model_copy(update={"margin": 50.0})
     params = tiny_params.model_copy(update={"registry": strict})
-    kept = register.run(params, "tiny", ws / "bundle", ws / "better.json", ws / "r4.json", shards=store["shards"])
-    assert kept.promoted is False and kept.same_val_data is True and kept.champion_top1 == 50.0
-    won = register.run(tiny_params, "tiny", ws / "bundle", ws / "better.json", ws / "r4.json", shards=store["shards"])
+    kept = store["publish"]("better.json", "r4.json", params=params)
+    assert kept.promoted is False and kept.same_data is True and kept.champion_top1 == 50.0
+    won = store["publish"]("better.json", "r4.json")
     assert won.version == kept.version and won.already_registered is True  # same inputs: same version
     (ws / "best.json").write_text(json.dumps(metrics(95.0)))
-    best = register.run(tiny_params, "tiny", ws / "bundle", ws / "best.json", ws / "r5.json", shards=store["shards"])
+    best = store["publish"]("best.json", "r5.json")
     assert best.promoted is True and best.previous_champion == champion
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == best.version
     run = mlflow.get_run(best.run_id)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,11 +88,11 @@ def image_folder(root, files: dict[str, bytes], val: int = 2):
     return root
 
 
-def stored(out, manifest, split="train") -> dict[str, bytes]:
+def stored(out, manifest, split="train", member=".jpg") -> dict[str, bytes]:
     samples = {}
     for s in manifest["splits"][split]["shards"]:
         with tarfile.open(out / s["name"]) as tar:
-            samples |= {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
+            samples |= {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(member)}
     return samples
 
 
@@ -161,11 +162,46 @@ def test_csv_and_tsv_lists_with_splits(tmp_path):
     (tmp_path / "list.tsv").write_text("".join("\t".join(r[:2]) + "\n" for r in rows))
     m = sharded(CFG, tmp_path / "list.csv", tmp_path / "out")
     assert m["classes"] == ["cat", "dog"] and m["splits"]["train"]["total"] == 4 and m["splits"]["val"]["total"] == 2
-    m = sharded(CFG, tmp_path / "list.tsv", tmp_path / "out2")
-    assert m["splits"]["train"]["total"] == 6 and m["splits"]["val"]["total"] == 0
+    assert m["val_held_out"] is None and "test" not in m["splits"]
+    m = sharded(CFG, tmp_path / "list.tsv", tmp_path / "out2")  # no split column: all train, val held out of it
+    assert m["splits"]["train"]["total"] == 4 and m["splits"]["val"]["total"] == 2
+    assert m["val_held_out"] == {"from": "train", "val_fraction": CFG.val_fraction, "seed": CFG.seed}
     (tmp_path / "bad.csv").write_text("img/0.jpg\n")
     with pytest.raises(EffnetError, match="row 1"):
         shard.run(CFG, tmp_path / "bad.csv", tmp_path / "out3")
+    (tmp_path / "test.csv").write_text("img/0.jpg,dog,train\nimg/1.jpg,cat,train\nimg/2.jpg,dog,test\n"
+                                       "img/3.jpg,bird,test\n")
+    with pytest.raises(EffnetError, match="class 'bird' of the test split"):
+        shard.run(CFG, tmp_path / "test.csv", tmp_path / "out4")
+
+
+def test_a_source_without_val_gets_a_stratified_seeded_hold_out(tmp_path):
+    src = tmp_path / "src"
+    for cls, n in (("a", 20), ("b", 10), ("c", 2)):
+        for i in range(n):
+            (src / "train" / cls).mkdir(parents=True, exist_ok=True)
+            (src / "train" / cls / f"{i}.jpg").write_bytes(encode(noise(16, 16, seed=i)))
+    cfg = CFG.model_copy(update={"val_fraction": 0.2})
+    m = sharded(cfg, src, tmp_path / "out")
+    val = [int(b) for name, b in stored(tmp_path / "out", m, "val", ".cls").items()]
+    assert sorted(val) == [0] * 4 + [1] * 2 + [2]  # 20 % of each class, at least one of a class of two
+    assert m["splits"]["train"]["total"] == 32 - 7 and m["val_held_out"]["val_fraction"] == 0.2
+    assert digest(tmp_path / "out") == digest(Path(shard.run(cfg, src, tmp_path / "again").out))  # seeded
+    other = sharded(cfg.model_copy(update={"seed": 1}), src, tmp_path / "other")
+    assert stored(tmp_path / "other", other, "val") != stored(tmp_path / "out", m, "val")
+
+
+def test_a_test_split_is_sharded_and_must_hold_only_train_classes(tmp_path):
+    src = image_folder(tmp_path / "src", {f"{i}.jpg": encode(noise(32, 24, seed=i)) for i in range(3)})
+    for cls in ("a", "b"):
+        (src / "test" / cls).mkdir(parents=True)
+        (src / "test" / cls / "t.jpg").write_bytes(encode(noise(20, 20, seed=7)))
+    m = sharded(CFG, src, tmp_path / "out")
+    assert m["splits"]["test"]["total"] == 2 and m["splits"]["val"]["total"] == 4 and m["val_held_out"] is None
+    (src / "test" / "zebra").mkdir()
+    with pytest.raises(EffnetError, match="class 'zebra' of .*test is not a class of"):
+        shard.run(CFG, src, tmp_path / "out2")
+    assert read_manifest(tmp_path / "out")["splits"]["test"]["total"] == 2  # the earlier output is untouched
 
 
 def test_output_is_the_same_for_any_worker_count_and_stale_files_go(tmp_path):

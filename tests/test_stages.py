@@ -9,15 +9,17 @@ import tarfile
 
 import mlflow
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from effnet import models
+from effnet import config, models
 from effnet.data import manifest, stream, transforms
 from effnet.errors import EffnetError
-from effnet.stages import demo_data, register, shard
+from effnet.stages import demo_data, evaluate, fixres, register, shard
+from tests.conftest import PIPELINE_OVERRIDES
 
 
 def digest(folder):
@@ -39,7 +41,8 @@ def test_demo_data_is_an_image_folder_and_deterministic(tiny_params, demo_dir, t
 def test_shard_manifest_counts_every_sample_and_is_byte_identical(tiny_params, demo_dir, shards_dir, tmp_path):
     written = manifest.read_manifest(shards_dir)
     assert written["classes"] == sorted(demo_data.CLASSES[: tiny_params.demo_data.classes])
-    for split in manifest.SPLITS:
+    assert set(written["splits"]) == {"train", "val"} and written["val_held_out"] is None
+    for split in written["splits"]:
         images = list((demo_dir / split).rglob("*.jpg"))
         entry = written["splits"][split]
         assert entry["total"] == len(images) == sum(s["samples"] for s in entry["shards"])
@@ -94,26 +97,37 @@ def chain(pipeline):
 def test_train_writes_a_loadable_bundle_and_logs_to_mlflow(chain, tiny_params):
     model, spec = models.load_bundle(chain["trained"])
     assert spec.img_size == tiny_params.train.img_size and spec.phi == -6
-    assert model.get_classifier().out_features == len(spec.classes) == tiny_params.demo_data.classes
+    assert model.get_classifier().out_features == len(spec.classes) == 4 and spec.classes == list("0123")
     mlflow.set_tracking_uri(chain["uri"])
     runs = mlflow.search_runs(experiment_names=["effnet"], filter_string="tags.mlflow.runName = 'train@tiny'")
     assert len(runs) == 1
-    assert float(runs.iloc[0]["params.lr_scaled"]) == tiny_params.train.lr
+    assert float(runs.iloc[0]["params.lr_scaled"]) == PIPELINE_OVERRIDES["train"]["lr"]
     assert "metrics.train/loss" in runs.columns and not np.isnan(runs.iloc[0]["metrics.train/loss"])
 
 
-def test_fixres_changes_only_classifier_and_last_batchnorm(chain, tiny_params):
+def test_fixres_learns_only_classifier_and_last_batchnorm_and_re_estimates_the_chosen_batchnorms(chain):
+    model, spec = models.load_bundle(chain["fixres"])
+    client = mlflow.MlflowClient(chain["uri"])
+    run = client.search_runs([client.get_experiment_by_name("effnet").experiment_id],
+                             "tags.mlflow.runName = 'fixres@tiny'")[0]
+    scope, kept = run.data.params["batchnorm_scope"], run.data.metrics["fine_tuned"] == 1.0
+    assert run.data.params["chosen_by"] == "auto"  # 72 training images held out: enough to choose on
+    norms = [name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    stats = {f"{name}.{k}" for name in norms for k in ("running_mean", "running_var", "num_batches_tracked")}
     before = load_file(str(chain["trained"] / "model.safetensors"))
     after = load_file(str(chain["fixres"] / "model.safetensors"))
-    changed = {k.split(".")[0] for k in before if not (before[k] == after[k]).all()}
-    assert changed == {"classifier", "bn2"}
-    _, spec = models.load_bundle(chain["fixres"])
-    assert spec.img_size == round(tiny_params.train.img_size * tiny_params.fixres.scale)
+    learned = {k.split(".")[0] for k in before if k not in stats and not (before[k] == after[k]).all()}
+    assert learned == ({"classifier", "bn2"} if kept else set())
+    moved = {name for name in norms if not torch.equal(before[f"{name}.running_mean"], after[f"{name}.running_mean"])}
+    assert moved == (set(norms) if scope == "all" else {"bn2"})
+    assert spec.img_size == int(run.data.params["img_size"])
 
 
-def test_evaluate_reports_both_models_at_both_resolutions(chain):
+def test_evaluate_reports_both_models_at_both_resolutions_and_selects_one(chain):
     sizes = {models.load_bundle(chain[k])[1].img_size for k in ("trained", "fixres")}
-    metrics = chain["metrics"]
+    metrics = dict(chain["metrics"])
+    selected = metrics.pop("selected")
+    assert selected["model"] in ("trained", "fixres") and 0 <= selected["val_top1"] <= 100
     for label in ("trained", "fixres"):
         assert set(metrics[label]) == {f"res{s}" for s in sizes}
         for m in metrics[label].values():
@@ -128,24 +142,48 @@ def test_registered_model_loads_by_alias_and_predicts(chain, demo_dir):
     assert isinstance(probs, pd.DataFrame)
     _, spec = models.load_bundle(chain["fixres"])
     assert list(probs.columns) == spec.classes and len(probs) == 3
+    assert model.metadata.metadata["preprocessing"]["img_size"] == chain["metrics"]["selected"]["resolution"]
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     version = mlflow.MlflowClient().get_model_version_by_alias("tiny", "champion")
     assert str(version.version) == chain["record"]["version"]
-    assert version.tags["measured_top1"] == str(chain["metrics"]["fixres"][f"res{spec.img_size}"]["top1"])
-    assert version.tags["recipe.lr"] == "0.256" and version.tags["crop_pct"] == "0.875"
+    selected = chain["metrics"]["selected"]  # digits have a test split: the figure is test top-1
+    assert version.tags["measured_top1"] == str(selected["test_top1"]) and version.tags["measured_on"] == "test"
+    assert (version.tags["selected_model"], version.tags["img_size"]) == (selected["model"],
+                                                                          str(selected["resolution"]))
 
 
 def test_a_worse_version_stays_challenger(pipeline, tiny_params, tmp_path, monkeypatch):
     ws = pipeline.copy(tmp_path / "ws")
     champion = json.loads((ws / "models/tiny/registered.json").read_text())["version"]
     worse = json.loads((ws / "metrics/tiny.json").read_text())
-    for m in worse["fixres"].values():
-        m["top1"] = -1.0
+    worse["selected"]["val_top1"] = -1.0
     (tmp_path / "worse.json").write_text(json.dumps(worse))
     monkeypatch.chdir(ws)
-    record = register.run(tiny_params, "tiny", ws / "models/tiny/fixres", tmp_path / "worse.json",
-                          tmp_path / "registered.json")
+    bundles = {label: ws / f"models/tiny/{label}" for label in ("trained", "fixres")}
+    record = register.run(tiny_params, "tiny", tmp_path / "worse.json", bundles, tmp_path / "registered.json",
+                          shards=ws / "data/shards")
     assert record.promoted is False
     client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("tiny", "challenger").version) == record.version
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == champion
+
+
+def test_a_broken_fixres_is_not_what_gets_published(pipeline, tmp_path, monkeypatch):
+    """FixRes broken on purpose (a learning rate that wrecks the classifier, and no held-out images whose check
+    would catch it): evaluate selects the trained model, and register publishes it, at the resolution chosen."""
+    tiny_params = config.load(pipeline.repo / "params.yaml")  # the pipeline's: digits
+    ws = pipeline.copy(tmp_path / "ws")
+    monkeypatch.chdir(ws)
+    broken = config.load(ws / "params.yaml", ["data.holdout=0", "fixres.lr=10", "fixres.momentum=0"])
+    bundles = {"trained": ws / "models/tiny/trained", "fixres": tmp_path / "broken"}
+    fixres.run(broken, "tiny", ws / "data/shards", bundles["trained"], bundles["fixres"])
+    result = evaluate.run(tiny_params, "tiny", ws / "data/shards", bundles, tmp_path / "m.json", tmp_path / "p.json",
+                          tmp_path / "c.json")
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert max(r["fixres"] for r in rows) < max(r["trained"] for r in rows), rows  # FixRes is worse everywhere
+    selected = result.metrics["selected"]
+    assert selected["model"] == "trained"
+    record = register.run(tiny_params, "tiny", tmp_path / "m.json", bundles, tmp_path / "r.json",
+                          shards=ws / "data/shards", plot=tmp_path / "p.json")
+    version = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_model_version("tiny", record.version)
+    assert (version.tags["selected_model"], version.tags["img_size"]) == ("trained", str(selected["resolution"]))

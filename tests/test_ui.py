@@ -79,12 +79,14 @@ def test_ui_shows_experiment_runs_and_registered_model_with_alias(mlflow_server,
     variant = tiny_params.variant("tiny")
     classes = read_manifest(shards_dir)["classes"]
     model = models.build(variant, len(classes))
-    spec = models.ModelSpec(variant="tiny", phi=variant.phi, classes=classes, preprocessing=models.preprocessing(model, variant, 40))
-    models.save_bundle(model, spec, tmp_path / "bundle")
+    spec = models.ModelSpec(variant="tiny", phi=variant.phi, classes=classes,
+                            preprocessing=models.preprocessing(model, variant, 40))
+    models.save_bundle(model, spec, tmp_path / "fixres")
     m = {f"res{s}": {"top1": 42.0, "top5": 80.0} for s in (32, 40)}
-    (tmp_path / "m.json").write_text(json.dumps({"trained": m, "fixres": m}))
-    record = register.run(tiny_params, "tiny", tmp_path / "bundle", tmp_path / "m.json", tmp_path / "rec.json",
-                          shards=shards_dir)
+    selected = {"model": "fixres", "resolution": 40, "val_top1": 42.0, "val_top5": 80.0}
+    (tmp_path / "m.json").write_text(json.dumps({"fixres": m, "selected": selected}))
+    record = register.run(tiny_params, "tiny", tmp_path / "m.json", {"fixres": tmp_path / "fixres"},
+                          tmp_path / "rec.json", shards=shards_dir)
     assert record.promoted is True
     experiment_id = tracking.experiment(tiny_params.mlflow.experiment)
 

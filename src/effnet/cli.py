@@ -47,12 +47,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("bundles", nargs="+", metavar="LABEL=BUNDLE", help="e.g. trained=models/x/trained")
     p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
     _common(p, variant=True)
-    p = sub.add_parser("register", help="log and register the final model in the MLflow Model Registry")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("metrics", type=Path)
+    p = sub.add_parser("register", help="publish the candidate evaluate selected to the MLflow Model Registry")
+    p.add_argument("metrics", type=Path, help="evaluate's metrics JSON (its `selected` entry names the candidate)")
     p.add_argument("out", type=Path, help="registration record (JSON) to write")
-    p.add_argument("--shards", help="shards folder/URL: the val data fingerprint promotion compares on")
-    p.add_argument("--trained", type=Path, help="the trained bundle: its resolution is tagged")
+    p.add_argument("bundles", nargs="+", metavar="LABEL=BUNDLE", help="the bundles evaluate measured, by label")
+    p.add_argument("--shards", help="shards folder/URL: the data fingerprints promotion compares on")
+    p.add_argument("--plot", type=Path, help="evaluate's sweep rows: the model card's candidate table")
     _common(p, variant=True)
     p = sub.add_parser("variants", help="the model card as a table")
     p.add_argument("--json", action="store_true", help="print a JSON list instead")
@@ -101,8 +101,8 @@ def dispatch(args: argparse.Namespace) -> object:
         return evaluate.run(params, args.variant, args.shards, _labelled(args.bundles), args.out)
     if args.command == "register":
         from effnet.stages import register
-        return register.run(params, args.variant, args.bundle, args.metrics, args.out, shards=args.shards,
-                            trained=args.trained)
+        return register.run(params, args.variant, args.metrics, _labelled(args.bundles), args.out,
+                            shards=args.shards, plot=args.plot)
     raise AssertionError(args.command)
 
 

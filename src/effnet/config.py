@@ -6,7 +6,7 @@ returns `Params`; any unknown key, wrong type or unknown variant raises EffnetEr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
@@ -38,15 +38,19 @@ class VariantSpec(Section):
 
 
 class DemoDataConfig(Section):
+    # shapes: procedural (drawn here); digits: scikit-learn's 1,797 real 8x8 scans (inside its wheel), upscaled to
+    # image_size, split as its example does: first half train, second half val and test (alternately)
+    dataset: Literal["shapes", "digits"] = "shapes"
     classes: int = Field(default=10, ge=2, le=10)
-    train_per_class: int = Field(default=200, ge=1)
-    val_per_class: int = Field(default=50, ge=1)
-    image_size: int = Field(default=96, ge=16)
+    train_per_class: int = Field(default=200, ge=1)  # shapes only
+    val_per_class: int = Field(default=50, ge=1)  # shapes only
+    image_size: int = Field(default=96, ge=8)
     seed: int = 0
 
 
 class ShardConfig(Section):
     samples_per_shard: int = Field(default=1000, ge=1)
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)  # held out of train (stratified) when there is no val split
     shard_bytes: int | None = Field(default=None, ge=1)  # also cap each shard's size in bytes; None: count only
     seed: int = 0  # order of samples across shards
     max_side: int | None = Field(default=None, ge=16)  # None: keep JPEG bytes; else shrink larger images to it
@@ -58,9 +62,12 @@ class ShardConfig(Section):
 
 
 class DataConfig(Section):
-    source: str = "data/demo"  # an ImageFolder with train/ and val/ or a CSV/TSV of path,label[,split]
+    source: str = "data/demo"  # an ImageFolder with train/ (val/, test/ optional) or a CSV/TSV of path,label[,split]
     num_workers: int = Field(default=2, ge=0)
     shuffle_buffer: int = Field(default=1000, ge=0)
+    # share of the train samples (chosen by a hash of their key) that no stage trains on: fixres chooses its
+    # resolution on them (never on val, which evaluate selects on); 0: none (fixres.img_size auto then falls back)
+    holdout: float = Field(default=0.1, ge=0, lt=1)
     # cpu: workers decode and augment (portable). gpu: workers read JPEG bytes only; the CUDA device decodes them
     # in batches (nvjpeg) and crops, flips, auto-augments and normalises them; without CUDA: one warning, cpu.
     decode: Literal["cpu", "gpu"] = "cpu"
@@ -103,11 +110,16 @@ class TrainConfig(Section):
 
 
 class FixResConfig(Section):
-    img_size: int | None = Field(default=None, ge=16)  # None: round(train resolution * scale)
+    # auto: the candidate resolution that scores best on the training samples held out of training (data.holdout)
+    # once the BatchNorm statistics are re-estimated there; a number: that resolution; None: train res * scale
+    img_size: Annotated[int, Field(ge=16)] | Literal["auto"] | None = "auto"
     scale: float = Field(default=1.15, gt=0)
+    candidates: list[PositiveFloat] = Field(default=[1.0, 1.15, 1.3, 1.45, 1.6], min_length=1)  # auto: x train res
+    min_holdout: int = Field(default=50, ge=1)  # fewer held-out images: no choice (auto falls back to the scale)
+    max_images: int = Field(default=5000, ge=1)  # at most this many images per choice pass (BatchNorm, scoring)
     epochs: int = Field(default=2, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-2, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     unfreeze: list[str] = []  # more module names to fine-tune beyond the classifier and last BatchNorm
     seed: int = 0
@@ -165,7 +177,8 @@ def _override(raw: dict, assignment: str) -> None:
 
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    # union members add their type to the location (fixres.img_size.constrained-int): keep the field names only
+    key = ".".join(str(p) for p in first["loc"] if not any(c in str(p) for c in "-[("))
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     msg = first["msg"].removeprefix("Value error, ")
     return f"{source}: {key}: {msg}{more}"

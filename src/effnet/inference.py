@@ -5,7 +5,8 @@ On CUDA the model runs in bf16 autocast and channels_last, fed by the same devic
 evaluate stage's sweep runs each model at many resolutions, where compiling each would cost more than it saves."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -21,26 +22,39 @@ from effnet.models import Preprocessing
 
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, batch_size: int, num_workers: int,
-             extra: Sequence[Metric] = (), feed: DeviceFeed | None = None,
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    """Top-1 and top-5 (in %) of `model` over the val split with preprocessing PRE, on DEVICE, the batches finished
-    there by FEED (default: the CPU decode path's). EXTRA metrics (torchmetrics, e.g. `ClassStats`) are updated
-    with the same logits and labels in the same pass."""
+             extra: Sequence[Metric] = (), feed: DeviceFeed | None = None, device: torch.device | str = "cpu",
+             split: str = "val", keep: Callable[[str], bool] | None = None, max_batches: int | None = None
+             ) -> dict[str, float]:
+    """Top-1 and top-5 (in %) of `model` over SPLIT (the samples KEEP accepts, by key, when given; their first
+    MAX_BATCHES batches when given) with preprocessing PRE, on DEVICE, the batches finished there by FEED (default:
+    the CPU decode path's). EXTRA metrics (torchmetrics, e.g. `ClassStats`) are updated with the same logits and
+    labels in the same pass."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
-    feed = feed or DeviceFeed(pre.mean, pre.std, channels_last=cuda)
     n = model.get_classifier().out_features
     top1, top5 = MulticlassAccuracy(n, average="micro"), MulticlassAccuracy(n, top_k=min(5, n), average="micro")
     metrics = [m.to(device) for m in (top1, top5, *extra)]
-    model.eval().to(device, memory_format=torch.channels_last if feed.channels_last else torch.preserve_format)
-    loader = eval_loader(shards, None if feed.decodes else transforms.eval_transform(pre, uint8=True), batch_size,
-                         num_workers, pin_memory=cuda)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        for x, y, _ in DevicePrefetcher(loader, feed, False, device):
-            logits = model(x).float()
-            for metric in metrics:
-                metric.update(logits, y)
+    model.eval()
+    for logits, y in forward(model, pre, shards, batch_size, num_workers, feed, device, split, keep, max_batches):
+        for metric in metrics:
+            metric.update(logits, y)
     return {"top1": round(100 * top1.compute().item(), 4), "top5": round(100 * top5.compute().item(), 4)}
+
+
+def forward(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, batch_size: int, num_workers: int,
+            feed: DeviceFeed | None = None, device: torch.device | str = "cpu", split: str = "val",
+            keep: Callable[[str], bool] | None = None, max_batches: int | None = None) -> Iterator[tuple]:
+    """(float32 logits, labels) of MODEL, in the mode the caller left it, over the first MAX_BATCHES batches of
+    SPLIT with eval preprocessing PRE (see `accuracy`); bf16 autocast and channels_last on CUDA."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    feed = feed or DeviceFeed(pre.mean, pre.std, channels_last=cuda)
+    model.to(device, memory_format=torch.channels_last if feed.channels_last else torch.preserve_format)
+    loader = eval_loader(shards, None if feed.decodes else transforms.eval_transform(pre, uint8=True), batch_size,
+                         num_workers, split, pin_memory=cuda, keep=keep)
+    batches = DevicePrefetcher(loader, feed, False, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        for x, y, _ in itertools.islice(batches, max_batches):
+            yield model(x).float(), y
 
 
 class ClassStats:

@@ -85,6 +85,14 @@ def system_metrics(run_id: str | None, resume: bool = False) -> Iterator[None]:
             monitor.finish()
 
 
+def log_curve(run_id: str, key: str, points: dict[int, float]) -> None:
+    """KEY as a curve over integer steps (a resolution, say) in the finished run RUN_ID."""
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri())
+    for step, value in sorted(points.items()):
+        client.log_metric(run_id, key, value, step=step)
+
+
 def git_commit(workspace: Path | None = None) -> str | None:
     """HEAD of the workspace's git repo (with `-dirty` when tracked files changed), or None outside git."""
     cwd = Path(workspace or Path.cwd())

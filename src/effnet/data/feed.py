@@ -119,7 +119,7 @@ def for_params(params: Params, pre: Preprocessing, channels_last: bool, augment:
 def data_module(params: Params, shards: str | Path, pre: Preprocessing, train_tf, batch_size: int, seed: int,
                 channels_last: bool, augment: bool = True) -> ShardDataModule:
     """A training stage's DataModule: the workers' uint8 transforms (TRAIN_TF for training, timm's eval transform
-    for validation) and the device half of the configured data path."""
+    for validation), the device half of the configured data path, the `data.holdout` share of train left out."""
     return ShardDataModule(shards, train_tf, transforms.eval_transform(pre, uint8=True), batch_size,
                            params.data.num_workers, params.data.shuffle_buffer,
-                           for_params(params, pre, channels_last, augment), seed)
+                           for_params(params, pre, channels_last, augment), seed, holdout=params.data.holdout)

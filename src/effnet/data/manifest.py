@@ -3,6 +3,7 @@ fingerprint), written last by the `shard` stage and read by everything downstrea
 at an fsspec URL (s3://, gs://, memory://...) or behind a `pipe:` command with `{name}` in it."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import webdataset as wds
 
 from effnet.errors import EffnetError
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # train and val always (val held out of train when the source has none); test optional
 MANIFEST = "manifest.json"
 REJECTS = "rejects.json"
 
@@ -42,3 +43,9 @@ def read_manifest(shards: str | Path) -> dict:
 def shard_urls(shards: str | Path, split: str) -> list[str]:
     """The locations of SPLIT's shard files, in manifest order."""
     return [location(shards, s["name"]) for s in read_manifest(shards)["splits"][split]["shards"]]
+
+
+def in_holdout(key: str, fraction: float) -> bool:
+    """Whether the sample with KEY falls in a FRACTION of its split set aside by a hash of the key: the same
+    samples in every run and on every rank, whatever the shard order."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) < fraction * 2**32

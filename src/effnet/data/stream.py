@@ -17,6 +17,7 @@ import io
 import queue
 import random
 import threading
+from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -68,22 +69,24 @@ def decode(sample: dict, draft: int | None = None) -> Image.Image:
 
 
 def train_loader(shards: str | Path, transform, batch_size: int, num_workers: int, shuffle_buffer: int,
-                 world_size: int = 1, seed: int = 0, draft: int | None = None, pin_memory: bool = False
-                 ) -> wds.WebLoader:
-    """Batches of (images, labels); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`).
+                 world_size: int = 1, seed: int = 0, draft: int | None = None, pin_memory: bool = False,
+                 holdout: float = 0.0) -> wds.WebLoader:
+    """Batches of (images, labels); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`). The
+    HOLDOUT share of the samples (`manifest.in_holdout`) is left out.
 
     The stream is a function of `seed`: every (rank, worker) draws its shards and shuffles its buffer from its
     own seed derived from it, and the workers' augmentations are seeded by the DataLoader from torch's RNG (which
     `pl.seed_everything` sets), so a run with loader workers repeats batch for batch."""
     total = manifest.read_manifest(shards)["splits"]["train"]["total"]
-    steps = max(1, total // (batch_size * world_size))
+    steps = max(1, round(total * (1 - holdout)) // (batch_size * world_size))
     if transform is None:
         load = [wds.map_tuple(bytes, int), wds.batched(batch_size, collation_fn=collate_jpeg, partial=False)]
     else:
         load = [wds.map_tuple(lambda jpg: transform(decode({"jpg": jpg}, draft)), int),
                 wds.batched(batch_size, partial=False)]
     ds = wds.DataPipeline(wds.ResampledShards(shard_urls(shards, "train"), seed=seed, deterministic=True),
-                          wds.tarfile_to_samples(), partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed),
+                          wds.tarfile_to_samples(), wds.select(lambda s: not manifest.in_holdout(s["__key__"], holdout)),
+                          partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed),
                           wds.to_tuple("jpg", "cls"), *load)
     return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                          pin_memory=pin_memory).with_epoch(steps).with_length(steps)
@@ -100,8 +103,9 @@ def _seeded_shuffle(samples, bufsize: int, seed: int):
 
 
 def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int, split: str = "val",
-                pin_memory: bool = False) -> wds.WebLoader:
-    """Batches of (images, labels, keys); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`).
+                pin_memory: bool = False, keep: Callable[[str], bool] | None = None) -> wds.WebLoader:
+    """Batches of (images, labels, keys) of SPLIT (only the samples whose key KEEP accepts, when given); with
+    transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`).
 
     Under torch.distributed every sample goes to exactly one rank: whole shards per rank when there are at least
     as many shards as ranks; otherwise every rank reads all shards and keeps every world_size-th sample (so no
@@ -113,6 +117,8 @@ def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int
                         empty_check=False)
     if not by_shard:
         ds = ds.slice(rank, None, world)
+    if keep is not None:
+        ds = ds.select(lambda sample: keep(sample["__key__"]))
     ds = ds.to_tuple("jpg", "cls", "__key__")
     if transform is None:
         ds = ds.map_tuple(bytes, int, str).batched(batch_size, collation_fn=collate_jpeg, partial=True)
@@ -201,8 +207,9 @@ class ShardDataModule(pl.LightningDataModule):
     (`transforms.*(..., uint8=True)`)."""
 
     def __init__(self, shards: str | Path, train_tf, val_tf, batch_size: int, num_workers: int, shuffle_buffer: int,
-                 feed, seed: int = 0, draft: int | None = None):
+                 feed, seed: int = 0, draft: int | None = None, holdout: float = 0.0):
         super().__init__()
+        self.holdout = holdout
         self.shards, self.train_tf, self.val_tf, self.feed = _root(shards), train_tf, val_tf, feed
         self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
         self.draft = draft
@@ -220,7 +227,7 @@ class ShardDataModule(pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         loader = train_loader(self.shards, None if self.feed.decodes else self.train_tf, self.batch_size,
                               self.num_workers, self.shuffle_buffer, world, self.seed, self.draft,
-                              pin_memory=self.device.type == "cuda")
+                              pin_memory=self.device.type == "cuda", holdout=self.holdout)
         return DevicePrefetcher(loader, self.feed, True, self.device)
 
     def val_dataloader(self):

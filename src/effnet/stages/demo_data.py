@@ -1,9 +1,14 @@
-"""The `demo-data` stage: a procedurally drawn JPEG ImageFolder (train/ and val/, one folder per class).
+"""The `demo-data` stage: a JPEG ImageFolder (one folder per class) to run the pipeline on without a dataset of
+one's own. `demo_data.dataset` picks one of two:
 
-Ten classes of shapes and textures, each drawn at a random scale (0.3 to 0.9 of the image's side), position,
-rotation and colour over a background cluttered with lines, so that a tiny EfficientNet learns them in minutes on a CPU and
-the apparent object size varies as in real photos, which is what makes the test resolution matter (FixRes).
-Deterministic: every image is drawn from its own RNG seeded by (seed, split, class, index).
+* `digits`: real data nobody here drew, scikit-learn's 1,797 handwritten digit scans (8x8, shipped inside its
+  wheel), upscaled to `image_size` (nearest neighbour: the scan's pixels as squares), split as scikit-learn's own
+  example splits them: the first half train, the second half val and test alternately (so train/, val/, test/).
+* `shapes` (the default): ten procedural classes of shapes and textures, each drawn at a random scale (0.3 to 0.9
+  of the image's side), position, rotation and colour over a background cluttered with lines, so that a tiny
+  EfficientNet learns them in minutes on a CPU and the apparent object size varies as in real photos, which is
+  what makes the test resolution matter (FixRes). Deterministic: every image is drawn from its own RNG seeded by
+  (seed, split, class, index); train/ and val/.
 """
 from __future__ import annotations
 
@@ -108,15 +113,39 @@ class DemoData(BaseModel):
 
 
 def run(cfg: DemoDataConfig, out: Path) -> DemoData:
-    """Write OUT/{train,val}/<class>/<index>.jpg."""
-    counts = {}
+    """Write OUT/<split>/<class>/<index>.jpg."""
     with io.atomic_dir(out) as tmp:
-        for split_id, (split, n) in enumerate([("train", cfg.train_per_class), ("val", cfg.val_per_class)]):
-            for cls in range(cfg.classes):
-                folder = tmp / split / CLASSES[cls]
-                folder.mkdir(parents=True)
-                for i in range(n):
-                    rng = np.random.default_rng([cfg.seed, split_id, cls, i])
-                    draw(cls, cfg.image_size, rng).save(folder / f"{i:05d}.jpg", quality=90)
-            counts[split] = n * cfg.classes
+        counts = write_digits(cfg, tmp) if cfg.dataset == "digits" else write_shapes(cfg, tmp)
     return DemoData(out=Path(out), counts=counts)
+
+
+def write_shapes(cfg: DemoDataConfig, root: Path) -> dict[str, int]:
+    counts = {}
+    for split_id, (split, n) in enumerate([("train", cfg.train_per_class), ("val", cfg.val_per_class)]):
+        for cls in range(cfg.classes):
+            folder = root / split / CLASSES[cls]
+            folder.mkdir(parents=True)
+            for i in range(n):
+                rng = np.random.default_rng([cfg.seed, split_id, cls, i])
+                draw(cls, cfg.image_size, rng).save(folder / f"{i:05d}.jpg", quality=90)
+        counts[split] = n * cfg.classes
+    return counts
+
+
+def write_digits(cfg: DemoDataConfig, root: Path) -> dict[str, int]:
+    """scikit-learn's digits (classes 0 .. cfg.classes - 1), dark ink on white as scanned; its example's split."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    half = len(digits.images) // 2
+    counts = {"train": 0, "val": 0, "test": 0}
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        if label >= cfg.classes:
+            continue
+        split = "train" if i < half else ("val", "test")[(i - half) % 2]
+        folder = root / split / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        grey = (255 - pixels * (255 / 16)).round().astype(np.uint8)  # 0..16 ink -> white paper, dark strokes
+        img = Image.fromarray(grey).resize((cfg.image_size, cfg.image_size), Image.NEAREST).convert("RGB")
+        img.save(folder / f"{i:05d}.jpg", quality=95)
+        counts[split] += 1
+    return counts

@@ -1,14 +1,14 @@
-"""The `evaluate` stage: top-1/top-5 on the val shards with each model's own preprocessing (resize by crop pct,
-center crop, bicubic), for every model at every model's resolution: the FixRes comparison in one table.
+"""The `evaluate` stage: measures every candidate for publication, each model bundle at each resolution of the
+sweep (`evaluate.sweep`, multiples of the smallest model's resolution, plus every model's own), on the val split
+with each model's own preprocessing (resize by crop pct, center crop), and selects the one to publish: the best
+val top-1 (ties: the smaller resolution, then the model given first).
 
-Every model is also swept over a range of resolutions (`evaluate.sweep`, multiples of the smallest model's):
-accuracy against resolution, one line per model, as a DVC plot (`plots/<variant>_resolution.json`) and a PNG
-in the MLflow run.
-
-The final model (`fixres`, else the last one given) at its own resolution also gets a confusion matrix and
-per-class precision/recall: a DVC confusion plot (`plots/confusion/<variant>.json`, one {actual, predicted} row per
-val image), and in the MLflow run a PNG, the per-class table (`mlflow.log_table` JSON, shown as a table in the UI,
-and CSV), macro precision/recall metrics and the shard manifest."""
+Selecting on val and reporting val is optimistic: when the shards have a test split, the selected candidate is
+measured on it once, and that is the figure `register` publishes. Outputs: the metrics JSON (every model at every
+model's own resolution, and `selected`), the sweep as a DVC plot (`plots/<variant>_resolution.json`, one line per
+model) and PNG, and the selected candidate's confusion matrix and per-class precision/recall on the reported split
+(test, else val): a DVC confusion plot (`plots/confusion/<variant>.json`) and, in the MLflow run, a PNG, the
+per-class table and the shard manifest."""
 from __future__ import annotations
 
 import tempfile
@@ -25,33 +25,44 @@ from effnet.data import feed
 from effnet.data.manifest import read_manifest
 from effnet.inference import ClassStats, accuracy, confusion_rows
 
-FINAL = "fixres"  # the label of the final model: the one the per-class figures are for (else the last one)
+class Candidate(BaseModel):
+    model: str  # the bundle's label
+    resolution: int
+    top1: float  # on val, in %
+    top5: float
 
 
 class Evaluation(BaseModel):
     """What the stage measured, before anything is written."""
 
-    sweep: dict[str, dict[int, dict[str, float]]]  # label -> resolution -> {"top1", "top5"} (in %)
+    sweep: dict[str, dict[int, dict[str, float]]]  # label -> resolution -> {"top1", "top5"} on val (in %)
     own: dict[str, int]  # label -> the model's own resolution
-    final: str  # the label the per-class figures are for
+    selected: Candidate
+    reported_on: str  # the split of `reported` and the per-class figures: test when there is one, else val
+    reported: dict[str, float]  # the selected candidate's top-1/top-5 on that split
     classes: list[str]
-    matrix: list[list[int]]  # the final model's confusion matrix at its own resolution
+    matrix: list[list[int]]  # the selected candidate's confusion matrix on the reported split
     per_class: list[dict]  # ClassStats.table()
     macro: dict[str, float]  # macro precision/recall (in %)
 
     @property
-    def metrics(self) -> dict[str, dict[str, dict[str, float]]]:
-        """The metrics JSON: every model at every model's own resolution."""
+    def metrics(self) -> dict:
+        """The metrics JSON: every model at every model's own resolution, and the selected candidate."""
         sizes = sorted(set(self.own.values()))
-        return {label: {f"res{size}": by_size[size] for size in sizes} for label, by_size in self.sweep.items()}
+        table = {label: {f"res{size}": by_size[size] for size in sizes} for label, by_size in self.sweep.items()}
+        selected = {"model": self.selected.model, "resolution": self.selected.resolution,
+                    "val_top1": self.selected.top1, "val_top5": self.selected.top5}
+        if self.reported_on != "val":
+            selected |= {f"{self.reported_on}_{k}": v for k, v in self.reported.items()}
+        return table | {"selected": selected}
 
     @property
     def at(self) -> str:
-        return f"{self.final}_res{self.own[self.final]}"
+        return f"{self.selected.model}_res{self.selected.resolution}"
 
 
 class EvaluateResult(BaseModel):
-    metrics: dict[str, dict[str, dict[str, float]]]
+    metrics: dict
     metrics_file: Path
     plot: Path
     confusion: Path
@@ -80,57 +91,70 @@ def run(params: Params, variant_key: str, shards: str | Path, bundles: dict[str,
 
 
 def measure(params: Params, shards: str | Path, bundles: dict[str, Path]) -> Evaluation:
-    """Every bundle at every resolution of the sweep; the per-class figures of the final one at its own."""
+    """Every bundle at every resolution of the sweep on val; the selected candidate on the reported split."""
     loaded = {label: models.load_bundle(path) for label, path in bundles.items()}
     own = {label: spec.img_size for label, (_, spec) in loaded.items()}
     sizes = sweep_sizes(set(own.values()), params.evaluate.sweep)
-    final = FINAL if FINAL in loaded else list(loaded)[-1]
-    stats = ClassStats(loaded[final][1].classes)
     device = torch.device("cuda" if feed.cuda_usable(params.train.accelerator) else "cpu")
     decode = feed.resolve_decode(params.data.decode, params.train.accelerator)  # warns once, not per size
     params = params.model_copy(update={"data": params.data.model_copy(update={"decode": decode})})
-    sweep = {}
-    for label, (model, spec) in loaded.items():
-        for size in sizes:
-            pre = spec.preprocessing.at(size)
-            extra = stats.metrics if (label, size) == (final, own[final]) else ()
-            sweep.setdefault(label, {})[size] = accuracy(
-                model, pre, shards, params.evaluate.batch_size, params.data.num_workers, extra,
-                feed.for_params(params, pre, channels_last=device.type == "cuda"), device)
-    return Evaluation(sweep=sweep, own=own, final=final, classes=stats.classes, matrix=stats.matrix(),
-                      per_class=stats.table(), macro=stats.macro())
+
+    def score(label: str, size: int, split: str = "val", extra=()) -> dict[str, float]:
+        model, spec = loaded[label]
+        pre = spec.preprocessing.at(size)
+        return accuracy(model, pre, shards, params.evaluate.batch_size, params.data.num_workers, extra,
+                        feed.for_params(params, pre, channels_last=device.type == "cuda"), device, split)
+
+    sweep = {label: {size: score(label, size) for size in sizes} for label in loaded}
+    selected = select(sweep, list(loaded))
+    reported_on = "test" if "test" in read_manifest(shards)["splits"] else "val"
+    stats = ClassStats(loaded[selected.model][1].classes)
+    reported = score(selected.model, selected.resolution, reported_on, stats.metrics)
+    return Evaluation(sweep=sweep, own=own, selected=selected, reported_on=reported_on, reported=reported,
+                      classes=stats.classes, matrix=stats.matrix(), per_class=stats.table(), macro=stats.macro())
+
+
+def select(sweep: dict[str, dict[int, dict[str, float]]], order: list[str]) -> Candidate:
+    """The best val top-1; ties: the smaller resolution, then the model earlier in ORDER (the simpler one)."""
+    top1, _, _, label, size = max((m["top1"], -size, -order.index(label), label, size)
+                                  for label, by_size in sweep.items() for size, m in by_size.items())
+    return Candidate(model=label, resolution=size, **sweep[label][size])
 
 
 def write(evaluation: Evaluation, out: Path, plot: Path, confusion: Path) -> None:
-    """The DVC outputs: the metrics JSON, the sweep's plot rows, the final model's confusion rows."""
+    """The DVC outputs: the metrics JSON, the sweep's plot rows, the selected candidate's confusion rows."""
     io.write_json(out, evaluation.metrics)
     io.write_json(plot, plot_rows(evaluation.sweep))
     io.write_json(confusion, confusion_rows(evaluation.matrix, evaluation.classes))
 
 
 def log(evaluation: Evaluation, params: Params, variant_key: str, shards: str | Path) -> None:
-    """Params, metrics, the sweep as curves, the per-class table, the manifest and both figures, to the active
-    MLflow run."""
-    final, at = evaluation.final, evaluation.at
+    """Params, metrics, the selection, the sweep as curves, the per-class table, the manifest and both figures, to
+    the active MLflow run."""
+    selected, at, split = evaluation.selected, evaluation.at, evaluation.reported_on
     mlflow.log_params({"evaluate." + k: v for k, v in params.evaluate.model_dump().items()})
-    mlflow.log_metrics({f"{label}.{res}.{k}": v for label, by_res in evaluation.metrics.items()
+    mlflow.log_params({"selected.model": selected.model, "selected.resolution": selected.resolution,
+                       "reported_on": split})
+    mlflow.log_metrics({f"{label}.{res}.{k}": v for label, by_res in evaluation.metrics.items() if label != "selected"
                         for res, m in by_res.items() for k, v in m.items()})
-    mlflow.log_metrics({f"{final}.res{evaluation.own[final]}.{k}": v for k, v in evaluation.macro.items()})
+    mlflow.log_metrics({f"selected.val_{k}": getattr(selected, k) for k in ("top1", "top5")}
+                       | {f"selected.{split}_{k}": v for k, v in evaluation.reported.items()}
+                       | {f"selected.{split}_{k}": v for k, v in evaluation.macro.items()})
     for label, by_size in evaluation.sweep.items():  # the sweep as curves: MLflow's step axis is the resolution
         for size, m in by_size.items():
             mlflow.log_metric(f"sweep.{label}.top1", m["top1"], step=size)
     table = pd.DataFrame(evaluation.per_class)
-    mlflow.log_table(table, artifact_file=f"per_class_{at}.json")  # shown as a table in the UI
-    mlflow.log_text(table.to_csv(index=False), f"per_class_{at}.csv")
+    mlflow.log_table(table, artifact_file=f"per_class_{at}_{split}.json")  # shown as a table in the UI
+    mlflow.log_text(table.to_csv(index=False), f"per_class_{at}_{split}.csv")
     mlflow.log_dict(read_manifest(shards), "manifest.json")
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / f"{variant_key}_resolution.png"
         plots.resolution_png(plot_rows(evaluation.sweep), list(evaluation.sweep),
-                             f"{variant_key}: top-1 against test resolution", png)
+                             f"{variant_key}: val top-1 against test resolution", png)
         mlflow.log_artifact(str(png))
-        png = Path(tmp) / f"confusion_{at}.png"
+        png = Path(tmp) / f"confusion_{at}_{split}.png"
         plots.confusion_png(evaluation.matrix, evaluation.classes,
-                            f"{variant_key} {final} at {evaluation.own[final]} px: confusion", png)
+                            f"{variant_key} {selected.model} at {selected.resolution} px, {split}: confusion", png)
         mlflow.log_artifact(str(png))
 
 

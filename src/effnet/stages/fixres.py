@@ -1,12 +1,25 @@
-"""The `fixres` stage (Touvron et al. 2019, "Fixing the train-test resolution discrepancy").
+"""The `fixres` stage (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"; its EfficientNet
+results in "FixEfficientNet", 2020).
 
 RandomResizedCrop training makes objects look larger than a center crop at test time does; testing at a higher
-resolution undoes that, once the model is adapted to the new statistics. As the paper does for EfficientNet:
-fine-tune at the test resolution on training images with *test-time* preprocessing (resize + center crop, flip),
-training only the classifier and re-estimating the last BatchNorm; everything else stays frozen.
+resolution undoes that, once the model is adapted to the new statistics. The stage:
+
+1. chooses on data, never on val (which `evaluate` selects on afterwards), but on the training images no stage
+   trains on (`data.holdout`): for each candidate resolution (`fixres.img_size: auto`: train resolution x
+   `fixres.candidates`) and each BatchNorm scope (the last one, as the paper; or every one) it re-estimates those
+   BatchNorm statistics there, on the other training images with test-time preprocessing, and scores top-1; the
+   best wins, ties to the smaller resolution and the last BatchNorm only;
+2. fine-tunes there as the paper does: test-time preprocessing plus a flip, the classifier trained (SGD,
+   `fixres.lr`) and the last BatchNorm re-estimated (`fixres.unfreeze` adds modules); everything else frozen;
+3. keeps the fine-tune only if it scores at least as well on the held-out images; else exports the adapted model.
+
+Which scope wins depends on the model: on the demo shapes every BatchNorm re-estimated gains points at every
+resolution; on scikit-learn's digits it loses three at the train resolution, where the last one alone loses none.
 """
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +27,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 from timm.layers import BatchNormAct2d
+from torch import nn
 
-from effnet import lightning, models
+from effnet import inference, lightning, models, tracking
 from effnet.config import Params
 from effnet.data import feed, transforms
+from effnet.data.manifest import in_holdout, read_manifest
 
+log = logging.getLogger(__name__)
 TRAINABLE = ["classifier", "bn2"]  # timm EfficientNet: the head and the BatchNorm right before pooling
 
 
@@ -40,16 +56,31 @@ class ExactMeanBatchNormAct2d(BatchNormAct2d):
         return self.act(self.drop(x))
 
 
+SCOPES = ("last", "all")  # which BatchNorms are re-estimated at the new resolution: bn2 (the paper's), or every one
+
+
+class Choice(BaseModel):
+    """The fine-tune's resolution and BatchNorm scope, and how they were chosen."""
+
+    img_size: int
+    scope: str  # one of SCOPES
+    how: str  # auto | fixed | scale, and why a fallback was taken
+    scores: dict[str, dict[int, float]] = {}  # held-out top-1 (%): scope -> resolution -> score
+
+
 class FixResResult(BaseModel):
     bundle: Path
     run_id: str | None  # the MLflow run (None on DDP ranks other than 0)
     img_size: int
     train_img_size: int
+    choice: Choice
+    holdout_top1: dict[str, float] = {}  # before and after the fine-tune, when there is a held-out set
+    fine_tuned: bool  # False: the fine-tune did worse on the held-out images, so the adapted model is exported
 
 
 @dataclass
 class Tuning:
-    """The model set up for the fine-tune: frozen but for TRAINABLE (+ fixres.unfreeze), bn2 re-estimated."""
+    """The model set up for the fine-tune: frozen but for TRAINABLE (+ fixres.unfreeze), bn2 to be re-estimated."""
 
     module: lightning.Classifier
     spec: models.ModelSpec  # at the FixRes resolution
@@ -59,25 +90,123 @@ class Tuning:
 def run(params: Params, variant_key: str, shards: str | Path, trained: Path, out: Path) -> FixResResult:
     """Fine-tune the TRAINED bundle at the FixRes resolution on SHARDS; write the new bundle to OUT."""
     cfg = params.fixres
-    tuning = prepare(params, trained)
-    pre = tuning.spec.preprocessing
+    model, spec = models.load_bundle(trained)
+    choice = choose(params, model, spec, shards)
+    pre = spec.preprocessing.at(choice.img_size)
+    adapt_batchnorm(model, pre, shards, params, choice.scope)
+    adapted = copy.deepcopy(model.state_dict())
+    tuning = prepare(params, model, spec, choice.img_size)
     dm = feed.data_module(params, shards, pre, transforms.fixres_transform(pre, uint8=True), cfg.batch_size,
                           cfg.seed, lightning.speedups(params.train)["channels_last"], augment=False)
-    logged = {**cfg.model_dump(), "img_size": pre.img_size, "train_img_size": tuning.train_img_size,
-              "trainable": TRAINABLE + cfg.unfreeze}
+    logged = {**cfg.model_dump(), "img_size": pre.img_size, "train_img_size": spec.img_size,
+              "trainable": TRAINABLE + cfg.unfreeze, "chosen_by": choice.how, "batchnorm_scope": choice.scope}
     run_id = lightning.fit(tuning.module, dm, params.train.model_copy(update={"seed": cfg.seed}), cfg.epochs,
                            params.mlflow.experiment, f"fixres@{variant_key}", logged)
+    holdout, fine_tuned = {}, True
+    if choice.scores:  # a held-out set to check the fine-tune on: keep it only where it helps
+        holdout = {"adapted": choice.scores[choice.scope][choice.img_size],
+                   "fine_tuned": holdout_top1(tuning.module.model, pre, shards, params)}
+        fine_tuned = holdout["fine_tuned"] >= holdout["adapted"]
+        if not fine_tuned:
+            log.warning("fixres: the fine-tune scored %.2f %% on the held-out images, below the adapted model's "
+                        "%.2f %%: exporting the adapted model", holdout["fine_tuned"], holdout["adapted"])
+            tuning.module.model.load_state_dict(adapted)
+    if run_id:
+        log_choice(run_id, choice, holdout, fine_tuned)
     models.save_bundle(tuning.module.model, tuning.spec, out)
-    return FixResResult(bundle=Path(out), run_id=run_id, img_size=pre.img_size,
-                        train_img_size=tuning.train_img_size)
+    return FixResResult(bundle=Path(out), run_id=run_id, img_size=pre.img_size, train_img_size=spec.img_size,
+                        choice=choice, holdout_top1=holdout, fine_tuned=fine_tuned)
 
 
-def prepare(params: Params, trained: Path) -> Tuning:
-    """The trained bundle, its last BatchNorm reset to be re-estimated as an exact mean, wrapped for training only
-    the classifier and that BatchNorm (plus `fixres.unfreeze`)."""
-    model, spec = models.load_bundle(trained)
-    size = fixres_size(params, spec.img_size)
-    model.bn2.reset_running_stats()  # re-estimate from scratch, as the exact mean over the batches
+def choose(params: Params, model: nn.Module, spec: models.ModelSpec, shards: str | Path) -> Choice:
+    """The resolutions to try (`fixres.img_size`: a number as it is; None: train resolution x scale; auto: train
+    resolution x each of `fixres.candidates`) and, with enough held-out training images, for each of them each
+    BatchNorm scope, scored on those images after the re-estimation: the best wins (ties: the smaller resolution,
+    then the last BatchNorm only). Without enough held-out images: the paper's scope, and auto takes the scale."""
+    cfg, train_size = params.fixres, spec.img_size
+    fallback = round(train_size * cfg.scale)
+    if cfg.img_size == "auto":
+        how, sizes = "auto", sorted({round(train_size * c) for c in cfg.candidates})
+    else:
+        how, sizes = ("scale", [fallback]) if cfg.img_size is None else ("fixed", [cfg.img_size])
+    held = int(read_manifest(shards)["splits"]["train"]["total"] * params.data.holdout)
+    if held < cfg.min_holdout:
+        if how == "auto":
+            log.warning("fixres.img_size: auto needs at least fixres.min_holdout = %d training images held out of "
+                        "training (data.holdout), this data holds out %d: using train resolution x fixres.scale = "
+                        "%d px", cfg.min_holdout, held, fallback)
+            how, sizes = f"scale (too few held out: {held} < {cfg.min_holdout})", [fallback]
+        return Choice(img_size=sizes[0], scope="last", how=how)
+    scores: dict[str, dict[int, float]] = {scope: {} for scope in SCOPES}
+    for size in sizes:
+        pre = spec.preprocessing.at(size)
+        for scope in SCOPES:
+            candidate = copy.deepcopy(model)
+            adapt_batchnorm(candidate, pre, shards, params, scope)
+            scores[scope][size] = holdout_top1(candidate, pre, shards, params)
+            log.info("fixres: %d px, %s BatchNorm re-estimated: held-out top-1 %.2f %%", size, scope,
+                     scores[scope][size])
+    best = max(((scope, size) for scope in SCOPES for size in sizes),
+               key=lambda c: (scores[c[0]][c[1]], -c[1], -SCOPES.index(c[0])))
+    return Choice(img_size=best[1], scope=best[0], how=how, scores=scores)
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, pre: models.Preprocessing, shards: str | Path, params: Params,
+                    scope: str = "all") -> None:
+    """The running statistics of the last BatchNorm (scope "last") or of every one ("all") re-estimated at PRE's
+    resolution, as the exact mean over the training images (not those held out) with test-time preprocessing;
+    weights untouched, the model left in eval mode."""
+    norms = [model.bn2] if scope == "last" else [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    trained_on = params.data.holdout
+    for _ in inference.forward(**_source(model, pre, shards, params), split="train",
+                               keep=lambda key: not in_holdout(key, trained_on), max_batches=_max_batches(params)):
+        pass
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
+
+
+def holdout_top1(model: nn.Module, pre: models.Preprocessing, shards: str | Path, params: Params) -> float:
+    """Top-1 (%) on the training images no stage trains on (`data.holdout`)."""
+    held_out = params.data.holdout
+    return inference.accuracy(**_source(model, pre, shards, params), split="train",
+                              keep=lambda key: in_holdout(key, held_out), max_batches=_max_batches(params))["top1"]
+
+
+def log_choice(run_id: str, choice: Choice, holdout: dict[str, float], fine_tuned: bool) -> None:
+    """The choice as curves (held-out top-1 against resolution, one per BatchNorm scope) and the fine-tune's check."""
+    for scope, by_size in choice.scores.items():
+        tracking.log_curve(run_id, f"choice.{scope}_bn.holdout_top1", by_size)
+    if holdout:
+        tracking.log_curve(run_id, "holdout_top1.fine_tuned", {0: holdout["adapted"], 1: holdout["fine_tuned"]})
+        tracking.log_curve(run_id, "fine_tuned", {0: float(fine_tuned)})
+
+
+def _source(model: nn.Module, pre: models.Preprocessing, shards: str | Path, params: Params) -> dict:
+    """The arguments `inference.accuracy` and `forward` share, for MODEL on this machine (CUDA when the Trainer
+    would use it, the configured data path)."""
+    device = torch.device("cuda" if feed.cuda_usable(params.train.accelerator) else "cpu")
+    return dict(model=model, pre=pre, shards=shards, batch_size=params.evaluate.batch_size,
+                num_workers=params.data.num_workers, device=device,
+                feed=feed.for_params(params, pre, channels_last=device.type == "cuda"))
+
+
+def _max_batches(params: Params) -> int:
+    return -(-params.fixres.max_images // params.evaluate.batch_size)
+
+
+def prepare(params: Params, model: nn.Module, spec: models.ModelSpec, img_size: int) -> Tuning:
+    """MODEL wrapped for the fine-tune at IMG_SIZE: the last BatchNorm reset, to be re-estimated as an exact mean,
+    and only it and the classifier (plus `fixres.unfreeze`) trained."""
+    model.bn2.reset_running_stats()
     model.bn2.momentum = None
     model.bn2.__class__ = ExactMeanBatchNormAct2d
     module = lightning.Classifier(model, len(spec.classes),
@@ -85,9 +214,5 @@ def prepare(params: Params, trained: Path) -> Tuning:
                                        weight_decay=0.0),
                                   schedule=None, label_smoothing=0.0, trainable=TRAINABLE + params.fixres.unfreeze,
                                   **lightning.speedups(params.train))
-    tuned = spec.model_copy(update={"preprocessing": spec.preprocessing.at(size)})
+    tuned = spec.model_copy(update={"preprocessing": spec.preprocessing.at(img_size)})
     return Tuning(module, tuned, spec.img_size)
-
-
-def fixres_size(params: Params, train_size: int) -> int:
-    return params.fixres.img_size or round(train_size * params.fixres.scale)

@@ -1,20 +1,25 @@
-"""The `register` stage: log the final (FixRes) model to MLflow as a pyfunc (`effnet.pyfunc`) and register it in
-the Model Registry, one registered model per variant. Each version carries the model card as its description
-(markdown), and as tags the card's figures, the measured accuracy, the train and FixRes resolutions and the data
-fingerprints.
+"""The `register` stage: publish the candidate `evaluate` selected (a model bundle at a resolution) to MLflow as a
+pyfunc (`effnet.pyfunc`) and register it in the Model Registry, one registered model per variant.
 
-Idempotent: a version is tagged with `registration_key`, a hash of the bundle's bytes, the metrics and the val
-data; registering the same inputs again finds that version and creates nothing (no run, no version, no alias move).
+The published model is exactly the selected one: its weights, with the preprocessing at the selected resolution
+(the signature example and the pyfunc follow it). A version's tags are what users filter and compare on: the
+measured top-1/top-5 (on test when the data has a test split, else on val, where it was also selected), the split
+they were measured on, the resolution, the variant, the selected model and the data fingerprints. Everything else
+(the card's figures and recipe, the candidate table, preprocessing, provenance) is the version's description, its
+model card, and the run's params.
 
-Aliases: each new version becomes the challenger; it takes the champion alias only when its top-1 beats the
-current champion's, measured on the same val data (same `val_fingerprint`), by at least `registry.margin` points
-(or there is no champion yet). The decision and its figures go to the run (`promotion.json`, metrics) and to the
-version's tags.
+Idempotent: the register run is tagged with `effnet.registration_key`, a hash of the published bundle, the metrics
+and the evaluated data; registering the same inputs again finds that version and creates nothing.
+
+Aliases: each new version becomes the challenger; it takes the champion alias only when its measured top-1 beats
+the current champion's, measured on the same data (same `eval_fingerprint`), by at least `registry.margin` points
+(or there is no champion yet). The decision goes to the run (`promotion.json`, tags, metrics).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -28,6 +33,10 @@ import effnet
 from effnet import io, models, pyfunc, tracking
 from effnet.config import Params, RegistryConfig
 from effnet.data.manifest import open_url, read_manifest, shard_urls
+from effnet.errors import EffnetError
+
+KEY_TAG = "effnet.registration_key"
+DECISION_TAG = "effnet.promotion_decision"
 
 
 class Registration(BaseModel):
@@ -43,91 +52,99 @@ class Registration(BaseModel):
     top1: float | None = None
     champion_top1: float | None = None
     margin: float | None = None
-    same_val_data: bool | None = None
+    same_data: bool | None = None
     previous_champion: str | None = None
 
 
 @dataclass
 class Version:
-    """What a new version would be: its spec, tags, description, and the key that makes registering idempotent."""
+    """What a new version would be: the model to publish, its tags and model card, and the key that makes
+    registering it idempotent."""
 
-    spec: models.ModelSpec
+    model: object  # nn.Module
+    spec: models.ModelSpec  # at the published resolution
     top1: float
-    top5: float
     tags: dict[str, str]
     description: str
     key: str
 
 
-def run(params: Params, variant_key: str, bundle: Path, metrics_file: Path, out: Path,
-        shards: str | Path | None = None, trained: Path | None = None) -> Registration:
-    """Register BUNDLE (the FixRes model) with its METRICS as a version of model `variant_key`; write OUT.
+def run(params: Params, variant_key: str, metrics_file: Path, bundles: dict[str, Path], out: Path,
+        shards: str | Path | None = None, plot: Path | None = None) -> Registration:
+    """Register the candidate METRICS_FILE selected (one of BUNDLES, label -> folder, at its resolution) as a
+    version of model `variant_key`; write OUT.
 
-    SHARDS (optional) gives the data fingerprints the promotion compares on; TRAINED (optional) the exact train
-    resolution (else read from the metrics table)."""
+    SHARDS (optional) gives the data fingerprints the promotion compares on; PLOT (optional, evaluate's sweep rows)
+    the candidate table of the model card."""
     experiment_id = tracking.experiment(params.mlflow.experiment)
     run_tags = tracking.run_tags(variant_key, params, "register", experiment_id=experiment_id)
-    new = describe(variant_key, bundle, metrics_file, shards, trained, run_tags)
-    registration = (registered(variant_key, new.key)
-                    or publish(params, variant_key, bundle, new, experiment_id, run_tags))
+    new = describe(variant_key, json.loads(Path(metrics_file).read_text()), bundles, shards,
+                   json.loads(Path(plot).read_text()) if plot else None, run_tags)
+    registration = (registered(variant_key, new.key, experiment_id)
+                    or publish(params, variant_key, new, experiment_id, run_tags))
     io.write_json(out, registration.model_dump())
     return registration
 
 
-def describe(variant_key: str, bundle: Path, metrics_file: Path, shards: str | Path | None, trained: Path | None,
-             run_tags: dict[str, str]) -> Version:
-    """The version's tags (the card's figures, the measured ones, resolutions, fingerprints) and model card."""
-    _, spec = models.load_bundle(bundle)
-    variant = spec.resolve()
-    metrics = json.loads(Path(metrics_file).read_text())
-    final = metrics["fixres"][f"res{spec.img_size}"]
-    fingerprints = data_fingerprints(shards)
-    key = io.sha256_json({"bundle": io.sha256_tree(bundle), "metrics": metrics,
-                          "val": fingerprints.get("val_fingerprint")})
-    size = models.measure(variant, num_classes=len(spec.classes), img_size=spec.img_size)
-    card = variant.card_tags()
-    train_size = train_resolution(metrics, spec.img_size, trained)
-    tags = card | {
+def describe(variant_key: str, metrics: dict, bundles: dict[str, Path], shards: str | Path | None,
+             candidates: list[dict] | None, run_tags: dict[str, str]) -> Version:
+    """The selected model at its resolution, its tags and its model card."""
+    selected = metrics["selected"]
+    if selected["model"] not in bundles:
+        raise EffnetError(f"evaluate selected '{selected['model']}', which is not among the bundles given "
+                          f"({', '.join(bundles)})")
+    own = {label: models.load_bundle(path) for label, path in bundles.items()}
+    model, spec = own[selected["model"]]
+    spec = spec.model_copy(update={"preprocessing": spec.preprocessing.at(selected["resolution"])})
+    split = "test" if "test_top1" in selected else "val"
+    fingerprints = data_fingerprints(shards, split)
+    tags = {
         "variant": variant_key,
-        "card_top1": card.get("top1", ""), "card_top5": card.get("top5", ""),
-        "measured_top1": str(final["top1"]), "measured_top5": str(final["top5"]),
-        "img_size": str(spec.img_size), "fixres_img_size": str(spec.img_size),
-        "train_img_size": str(train_size) if train_size else "",
-        "crop_pct": str(spec.preprocessing.crop_pct), "interpolation": spec.preprocessing.interpolation,
-        "params": str(size["params"]), "gmacs": f"{size['gmacs']:.4g}",
-        "classes": str(len(spec.classes)),
-        "registration_key": key,
+        "model": spec.resolve().name,
+        "measured_top1": str(selected[f"{split}_top1"]), "measured_top5": str(selected[f"{split}_top5"]),
+        "measured_on": split,
+        "img_size": str(spec.img_size),
+        "selected_model": selected["model"],
         **fingerprints,
-        **{k: v for k, v in run_tags.items() if k in ("effnet.pipeline_run", "effnet.git_commit", "effnet.data_hash")},
     }
-    tags = {k: v for k, v in tags.items() if v != ""}
-    return Version(spec, final["top1"], final["top5"], tags, model_card(variant_key, tags, card, spec), key)
+    key = io.sha256_json({"weights": io.sha256_file(bundles[selected["model"]] / "model.safetensors"),
+                          "spec": spec.model_dump(), "metrics": metrics, "data": fingerprints})
+    card = model_card(variant_key, spec, selected, split, {label: s.img_size for label, (_, s) in own.items()},
+                      candidates, fingerprints, run_tags)
+    return Version(model, spec, float(selected[f"{split}_top1"]), tags, card, key)
 
 
-def registered(name: str, key: str) -> Registration | None:
-    """The version already registered from the same bundle, metrics and data, if any."""
-    try:
-        existing = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and tags.registration_key = '{key}'")
-    except MlflowException:
-        return None
-    if not existing:
-        return None
-    mv = min(existing, key=lambda v: int(v.version))
-    decision = json.loads(mv.tags.get("promotion", "{}"))
-    return Registration(name=name, version=str(mv.version), run_id=mv.run_id, model_uri=f"models:/{name}/{mv.version}",
-                        already_registered=True, **decision)
+def registered(name: str, key: str, experiment_id: str) -> Registration | None:
+    """The version already registered from the same model, metrics and data, if any."""
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{key}'", order_by=["attributes.start_time ASC"])
+    for r in runs:
+        try:
+            versions = client.search_model_versions(f"name = '{name}' and run_id = '{r.info.run_id}'")
+        except MlflowException:
+            versions = []
+        if versions:
+            mv = min(versions, key=lambda v: int(v.version))
+            decision = json.loads(r.data.tags.get(DECISION_TAG, "{}"))
+            return Registration(name=name, version=str(mv.version), run_id=r.info.run_id,
+                                model_uri=f"models:/{name}/{mv.version}", already_registered=True, **decision)
+    return None
 
 
-def publish(params: Params, variant_key: str, bundle: Path, new: Version, experiment_id: str,
-            run_tags: dict[str, str]) -> Registration:
+def publish(params: Params, variant_key: str, new: Version, experiment_id: str, run_tags: dict[str, str]
+            ) -> Registration:
     """Log the pyfunc in a `register@<variant>` run, register it, tag and describe the version, decide promotion."""
     client = mlflow.MlflowClient()
     spec = new.spec
     example = np.random.default_rng(0).integers(0, 256, (2, spec.img_size, spec.img_size, 3), dtype=np.uint8)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"register@{variant_key}",
-                          tags=run_tags | {"stage": "register", "variant": variant_key}) as r:
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"register@{variant_key}",
+            tags=run_tags | {"stage": "register", "variant": variant_key, KEY_TAG: new.key}) as r:
+        bundle = Path(tmp) / "bundle"
+        models.save_bundle(new.model, spec, bundle)  # the selected weights at the selected resolution
         mlflow.log_params({"registry." + k: v for k, v in params.registry.model_dump().items()})
-        mlflow.log_metrics({"top1": new.top1, "top5": new.top5})
+        mlflow.log_params({k: new.tags[k] for k in ("selected_model", "img_size", "measured_on")})
+        mlflow.log_metrics({"top1": new.top1, "top5": float(new.tags["measured_top5"])})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=pyfunc.EffnetPyfunc(), artifacts={"bundle": str(bundle)},
             code_paths=[str(Path(effnet.__file__).parent)], signature=pyfunc.signature(spec.classes),
@@ -141,64 +158,71 @@ def publish(params: Params, variant_key: str, bundle: Path, new: Version, experi
         if not client.get_registered_model(variant_key).description:
             client.update_registered_model(variant_key, description=f"{spec.resolve().name}: TF-EfficientNet from "
                                            "the effnet pipeline; each version's description is its model card.")
-        decision = promote(client, variant_key, mv, new.top1, new.tags.get("val_fingerprint"), params.registry)
-        client.set_model_version_tag(variant_key, mv, "promotion", json.dumps(decision))
+        decision = promote(client, variant_key, mv, new.top1, new.tags.get("eval_fingerprint"), params.registry)
+        mlflow.set_tags({DECISION_TAG: json.dumps(decision),
+                         "effnet.promotion": "champion" if decision["promoted"] else params.registry.challenger_alias})
         mlflow.log_dict(decision | {"version": mv}, "promotion.json")
         mlflow.log_metrics({"promoted": float(decision["promoted"]),
                             **({"champion_top1": decision["champion_top1"]}
                                if decision["champion_top1"] is not None else {})})
-        mlflow.set_tag("effnet.promotion", "champion" if decision["promoted"] else params.registry.challenger_alias)
     return Registration(name=variant_key, version=mv, run_id=r.info.run_id, model_uri=info.model_uri,
                         already_registered=False, **decision)
 
 
-def data_fingerprints(shards: str | Path | None) -> dict[str, str]:
-    """`data_fingerprint`: the shard manifest's (every source image's bytes and label); `val_fingerprint`: sha256
-    of the val shards' bytes and the class list (shards are byte-identical for the same inputs and options)."""
+def data_fingerprints(shards: str | Path | None, split: str) -> dict[str, str]:
+    """`data_fingerprint`: the shard manifest's (every source image's bytes and label); `eval_fingerprint`: sha256
+    of the class list and the bytes of SPLIT's shards, the data the measured figure comes from (shards are
+    byte-identical for the same inputs and options)."""
     if shards is None:
         return {}
     manifest = read_manifest(shards)
+    if split not in manifest["splits"]:
+        raise EffnetError(f"the metrics were measured on the {split} split, but the shards at {shards} have no "
+                          f"{split} split")
     h = hashlib.sha256(json.dumps(manifest["classes"]).encode())
-    for url in shard_urls(shards, "val"):
+    for url in shard_urls(shards, split):
         with open_url(url) as f:
             io.sha256_stream(f, h)
-    return {"data_fingerprint": manifest["fingerprint"], "val_fingerprint": h.hexdigest()}
+    return {"data_fingerprint": manifest["fingerprint"], "eval_fingerprint": h.hexdigest()}
 
 
-def train_resolution(metrics: dict, fixres_size: int, trained: Path | None) -> int | None:
-    """From the trained bundle when given; else the evaluate table's other resolution (it evaluates the trained
-    and the FixRes model at both models' resolutions)."""
-    if trained is not None:
-        return models.load_bundle(trained)[1].img_size
-    sizes = {int(k.removeprefix("res")) for k in metrics.get("trained", {})}
-    others = sizes - {fixres_size}
-    if len(others) == 1:
-        return others.pop()
-    return fixres_size if sizes == {fixres_size} else None
-
-
-def model_card(name: str, tags: dict[str, str], card: dict[str, str], spec: models.ModelSpec) -> str:
+def model_card(name: str, spec: models.ModelSpec, selected: dict, split: str, own: dict[str, int],
+               candidates: list[dict] | None, fingerprints: dict[str, str], run_tags: dict[str, str]) -> str:
     """The version's description: markdown, what a user of the registry page needs."""
-    def row(label, key_card, key_measured):
-        return f"| {label} | {card.get(key_card, '–')} | {tags.get(key_measured, '–')} |"
+    variant = spec.resolve()
+    card = variant.card_tags()
+    size = models.measure(variant, num_classes=len(spec.classes), img_size=spec.img_size)
     pre = spec.preprocessing
+    figure = f"{selected[f'{split}_top1']} % top-1, {selected[f'{split}_top5']} % top-5 on the {split} split"
+    honesty = ("selected on val, measured on test" if split == "test"
+               else "selected on val and measured on val (no test split: an optimistic figure)")
+    resolutions = ", ".join(f"{label} {px} px" for label, px in own.items())
     lines = [
         f"# {card.get('name', name)} (`{name}`)",
         "",
-        "TF-EfficientNet trained by the effnet pipeline (timm + pytorch-lightning), FixRes fine-tuned at "
-        f"{tags['img_size']} px.",
+        f"**{figure}** ({honesty}). Published: the `{selected['model']}` model at **{spec.img_size} px**, the best "
+        f"of {len(candidates or []) * len(own) or 'the'} candidates on val top-1 ({selected['val_top1']} %).",
         "",
         "| | model card | this version |",
         "|---|---|---|",
-        row("top-1 (%)", "top1", "measured_top1"),
-        row("top-5 (%)", "top5", "measured_top5"),
-        row("resolution (px)", "img_size", "img_size"),
-        f"| train / FixRes resolution (px) | – | {tags.get('train_img_size', '?')} / {tags['fixres_img_size']} |",
-        f"| parameters | {card.get('params_m', '–')} M | {tags['params']} |",
-        f"| FLOPs | {card.get('flops_g', '–')} G | {tags['gmacs']} GMACs |",
+        f"| top-1 (%) | {card.get('top1', '–')} | {selected[f'{split}_top1']} ({split}) |",
+        f"| top-5 (%) | {card.get('top5', '–')} | {selected[f'{split}_top5']} ({split}) |",
+        f"| resolution (px) | {card.get('img_size', '–')} | {spec.img_size} |",
+        f"| parameters | {card.get('params_m', '–')} M | {size['params']:,} |",
+        f"| FLOPs | {card.get('flops_g', '–')} G | {size['gmacs']:.4g} GMACs |",
         "",
-        f"Measured on the val split of data `{tags.get('val_fingerprint', 'unknown')[:16]}` "
-        f"({len(spec.classes)} classes: {', '.join(spec.classes[:20])}{' ...' if len(spec.classes) > 20 else ''}).",
+        f"Models evaluated (own resolution): {resolutions}. Data `{fingerprints.get('data_fingerprint', '?')[:16]}`, "
+        f"{len(spec.classes)} classes: {', '.join(spec.classes[:20])}{' ...' if len(spec.classes) > 20 else ''}.",
+    ]
+    if candidates:
+        labels = [k for k in candidates[0] if k != "resolution"]
+        lines += ["", "## Candidates (val top-1, %)", "", "| resolution (px) | " + " | ".join(labels) + " |",
+                  "|---|" + "---|" * len(labels)]
+        for row in candidates:
+            cells = [f"**{row[k]}**" if (k, row["resolution"]) == (selected["model"], selected["resolution"])
+                     else str(row[k]) for k in labels]
+            lines.append(f"| {row['resolution']} | " + " | ".join(cells) + " |")
+    lines += [
         "",
         "## Preprocessing",
         f"Resize the shorter side to img_size / crop_pct ({pre.img_size} / {pre.crop_pct}), "
@@ -214,6 +238,10 @@ def model_card(name: str, tags: dict[str, str], card: dict[str, str], spec: mode
         "# -> DataFrame of class probabilities, one column per class",
         "```",
         "",
+        "## Provenance",
+        *(f"- {k}: `{v}`" for k, v in {**fingerprints, **{t: run_tags[t] for t in (
+            "effnet.pipeline_run", "effnet.git_commit", "effnet.data_hash") if t in run_tags}}.items()),
+        "",
         "## Model card",
         "| field | value |",
         "|---|---|",
@@ -222,21 +250,21 @@ def model_card(name: str, tags: dict[str, str], card: dict[str, str], spec: mode
     return "\n".join(lines) + "\n"
 
 
-def promote(client: mlflow.MlflowClient, name: str, version_: str, top1: float, val_fingerprint: str | None,
+def promote(client: mlflow.MlflowClient, name: str, version_: str, top1: float, eval_fingerprint: str | None,
             cfg: RegistryConfig) -> dict:
-    """Challenger always; champion when it beats the current champion on the same val data by the margin."""
+    """Challenger always; champion when it beats the current champion, measured on the same data, by the margin."""
     client.set_registered_model_alias(name, cfg.challenger_alias, version_)
     try:
         champion = client.get_model_version_by_alias(name, cfg.alias)
     except MlflowException:
         champion = None
     champion_top1 = float(champion.tags["measured_top1"]) if champion and "measured_top1" in champion.tags else None
-    same_data = champion is not None and champion.tags.get("val_fingerprint") == val_fingerprint
+    same_data = champion is not None and champion.tags.get("eval_fingerprint") == eval_fingerprint
     if champion is None:
         promoted, reason = True, "no champion yet"
     elif not same_data:
         promoted = cfg.promote_on_new_data
-        reason = ("champion measured on other val data: not comparable, "
+        reason = ("champion measured on other data: not comparable, "
                   + ("promote_on_new_data is set" if promoted else "kept (registry.promote_on_new_data: false)"))
     elif champion_top1 is None:
         promoted, reason = True, "champion has no measured top-1"
@@ -247,5 +275,5 @@ def promote(client: mlflow.MlflowClient, name: str, version_: str, top1: float, 
     if promoted:
         client.set_registered_model_alias(name, cfg.alias, version_)
     return {"promoted": promoted, "reason": reason, "top1": top1, "champion_top1": champion_top1,
-            "margin": cfg.margin, "same_val_data": same_data if champion else None,
+            "margin": cfg.margin, "same_data": same_data if champion else None,
             "previous_champion": str(champion.version) if champion else None}

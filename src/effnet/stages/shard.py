@@ -1,6 +1,10 @@
 """The `shard` stage: an ImageFolder (ROOT/<split>/<class>/<image>) or a CSV/TSV list -> webdataset tar shards,
 manifest.json and rejects.json, in a local folder or at any fsspec URL.
 
+Splits: train (required), val, test. A source without val gets a stratified, seeded hold-out of train
+(`shard.val_fraction`, recorded in the manifest); test, when there is one, is sharded for the honest figure
+(`evaluate` selects on val and reports test). Every class of val and test must be a class of train.
+
 Every source file is checked in a worker process (`prepare`): valid RGB JPEGs are stored byte for byte; other
 decodable images (PNG/WebP/GIF under any name, CMYK, greyscale, 16-bit, EXIF-rotated) become RGB JPEGs; the rest
 (empty, not an image, truncated, too small, decompression bombs) are skipped and listed with their reason.
@@ -40,31 +44,35 @@ ORIENTATION = 0x0112  # EXIF tag
 
 # ---- listing the source -------------------------------------------------------------------------------------
 
-def list_images(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
-    """Class names (sorted folder names of the train split) and (path, label) per split."""
+Listing = tuple[list[str], dict[str, list[tuple[Path, int]]]]  # class names, (path, label) per split
+
+
+def list_images(root: Path) -> Listing:
+    """Class names (sorted folder names of the train split) and (path, label) per split present (train/ required;
+    val/ and test/ optional)."""
     root = Path(root)
     if not root.is_dir():
         raise EffnetError(f"data folder not found: {root}")
-    missing = [s for s in SPLITS if not (root / s).is_dir()]
-    if missing:
-        raise EffnetError(f"data folder {root} has no {'/ '.join(missing)}/ split (expected {root}/<split>/<class>/)")
+    if not (root / "train").is_dir():
+        raise EffnetError(f"data folder {root} has no train/ split (expected {root}/train/<class>/)")
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise EffnetError(f"no class folders in {root / 'train'}")
     index = {c: i for i, c in enumerate(classes)}
     files = {}
-    for split in SPLITS:
+    for split in (s for s in SPLITS if (root / s).is_dir()):
         files[split] = []
         for folder in sorted(p for p in (root / split).iterdir() if p.is_dir()):
             if folder.name not in index:
-                raise EffnetError(f"class folder {folder} is not a class of {root / 'train'}")
+                raise EffnetError(f"class '{folder.name}' of {root / split} is not a class of {root / 'train'}")
             files[split] += [(p, index[folder.name]) for p in sorted(folder.iterdir())
                              if p.suffix.lower() in IMAGE_SUFFIXES]
     return classes, files
 
 
-def list_table(table: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
-    """A CSV/TSV of `path,label[,split]` (optional header; paths relative to the table's folder; no split: train)."""
+def list_table(table: Path) -> Listing:
+    """A CSV/TSV of `path,label[,split]` (optional header; paths relative to the table's folder; no split: train).
+    The classes are the train rows' labels."""
     table = Path(table)
     with table.open(newline="") as f:
         rows = [r for r in csv.reader(f, delimiter="\t" if table.suffix.lower() == ".tsv" else ",") if r]
@@ -72,20 +80,47 @@ def list_table(table: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]
         rows = rows[1:]
     bad = next((i for i, r in enumerate(rows) if len(r) not in (2, 3) or (len(r) == 3 and r[2] not in SPLITS)), None)
     if bad is not None:
-        raise EffnetError(f"{table}: row {bad + 1}: expected path,label[,train|val], got {rows[bad]}")
+        raise EffnetError(f"{table}: row {bad + 1}: expected path,label[,{'|'.join(SPLITS)}], got {rows[bad]}")
     if not rows:
         raise EffnetError(f"{table}: no rows")
-    classes = sorted({r[1] for r in rows})
+    split_of = [r[2] if len(r) == 3 else "train" for r in rows]
+    classes = sorted({r[1] for r, split in zip(rows, split_of) if split == "train"})
     index = {c: i for i, c in enumerate(classes)}
-    files = {s: [] for s in SPLITS}
-    for r in sorted(rows):
-        files[r[2] if len(r) == 3 else "train"].append((table.parent / r[0], index[r[1]]))
+    files = {}
+    for r, split in sorted(zip(rows, split_of)):
+        if r[1] not in index:
+            raise EffnetError(f"{table}: class '{r[1]}' of the {split} split is not a class of the train split")
+        files.setdefault(split, []).append((table.parent / r[0], index[r[1]]))
     return classes, files
 
 
-def list_source(src: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+def list_source(src: Path, val_fraction: float, seed: int) -> tuple[list[str], dict, dict | None]:
+    """The source's classes and files per split, and how val was made when the source has no val split: a
+    stratified, seeded VAL_FRACTION of train held out (None when the source has its own)."""
     src = Path(src)
-    return list_table(src) if src.is_file() else list_images(src)
+    classes, files = list_table(src) if src.is_file() else list_images(src)
+    if not files.get("train"):
+        raise EffnetError(f"{src}: the train split has no images")
+    if files.get("val"):
+        return classes, files, None
+    files["train"], files["val"] = hold_out(files["train"], val_fraction, seed)
+    return classes, files, {"from": "train", "val_fraction": val_fraction, "seed": seed}
+
+
+def hold_out(files: list[tuple[Path, int]], fraction: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): per class, FRACTION of its files (rounded, at least one of a class with two or more),
+    drawn with a seeded shuffle: every class is in both parts in proportion, and the split repeats."""
+    by_class: dict[int, list] = {}
+    for item in files:
+        by_class.setdefault(item[1], []).append(item)
+    kept, held = [], []
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        random.Random(f"{seed}:{label}").shuffle(items)
+        n = min(len(items) - 1, max(1, round(len(items) * fraction)))
+        held += items[:n]
+        kept += items[n:]
+    return sorted(kept), sorted(held)
 
 
 # ---- one image: keep, normalise or reject ---------------------------------------------------------------------
@@ -216,12 +251,12 @@ class ShardResult(BaseModel):
 def run(cfg: ShardConfig, src: Path, out: str | Path) -> ShardResult:
     """Shard SRC (an ImageFolder, or a CSV/TSV list) into OUT (a folder or fsspec URL)."""
     src = Path(src)
-    classes, files = list_source(src)
+    classes, files, held_out = list_source(src, cfg.val_fraction, cfg.seed)
     fs, root = fsspec.core.url_to_fs(str(out))
     fs.makedirs(root, exist_ok=True)
     if fs.exists(f"{root}/{MANIFEST}"):
         fs.rm(f"{root}/{MANIFEST}")  # from here on OUT is incomplete until the new manifest lands
-    jobs = {s: random.Random(cfg.seed).sample(files[s], len(files[s])) for s in SPLITS}
+    jobs = {s: random.Random(cfg.seed).sample(files[s], len(files[s])) for s in SPLITS if s in files}
     splits, digests, rejects = write_shards(cfg, jobs, fs, root, base=src.parent if src.is_file() else src)
     _remove_stale(fs, root, {s["name"] for sp in splits.values() for s in sp["shards"]})
     io.write_atomic(f"{root}/{REJECTS}", json.dumps(rejects, indent=2), fs)
@@ -233,6 +268,7 @@ def run(cfg: ShardConfig, src: Path, out: str | Path) -> ShardResult:
     fingerprint = hashlib.sha256("\n".join(f"{k}\0{v}" for k, v in sorted(digests.items())).encode()).hexdigest()
     manifest = {"source": str(src), "fingerprint": fingerprint, "classes": classes,
                 "options": cfg.model_dump(exclude={"workers"}), "splits": splits,
+                "val_held_out": held_out,
                 "counts": {"inputs": n_in, "samples": n_in - len(rejects), "rejected": len(rejects),
                            "reasons": dict(sorted(Counter(r["reason"].split(":")[0] for r in rejects).items()))},
                 "rejects": rejects}
