@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 import effnet
-from effnet import io, models, pyfunc, tracking
+from effnet import io, models, onnx_export, pyfunc, tracking
 from effnet.config import Params, RegistryConfig
 from effnet.data.manifest import open_url, read_manifest, shard_urls
 
@@ -125,11 +125,13 @@ def publish(params: Params, variant_key: str, bundle: Path, new: Version, experi
     spec = new.spec
     example = np.random.default_rng(0).integers(0, 256, (2, spec.img_size, spec.img_size, 3), dtype=np.uint8)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"register@{variant_key}",
-                          tags=run_tags | {"stage": "register", "variant": variant_key}) as r:
+                          tags=run_tags | {"stage": "register", "variant": variant_key}) as r, \
+            onnx_export.exported(bundle, params.export) as onnx_file:  # parity-checked, or no version at all
         mlflow.log_params({"registry." + k: v for k, v in params.registry.model_dump().items()})
         mlflow.log_metrics({"top1": new.top1, "top5": new.top5})
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=pyfunc.EffnetPyfunc(), artifacts={"bundle": str(bundle)},
+            name="model", python_model=pyfunc.EffnetPyfunc(),
+            artifacts={"bundle": str(bundle), "onnx": str(onnx_file)},
             code_paths=[str(Path(effnet.__file__).parent)], signature=pyfunc.signature(spec.classes),
             input_example=example, registered_model_name=variant_key,
             metadata={"classes": spec.classes, "preprocessing": spec.preprocessing.model_dump()},
