@@ -212,9 +212,12 @@ def model_card(name: str, tags: dict[str, str], card: dict[str, str], spec: mode
         "import mlflow, numpy as np",
         f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
         "model.predict(images)                        # uint8 array (N, H, W, 3)",
-        "model.predict(np.array(paths, dtype=object))  # image paths (or HWC arrays of any sizes)",
+        "model.predict([path_or_base64_or_bytes, ...]) # or pd.DataFrame({'image': [...]}): encoded images",
         "# -> DataFrame of class probabilities, one column per class",
         "```",
+        f"Served: `make serve-model MODEL=models:/{name}@champion`, then POST `{{\"inputs\": [\"<base64 JPEG>\"]}}` "
+        "to /invocations. ONNX: `artifacts/model.onnx` (parity-checked against PyTorch; classes and preprocessing "
+        "in its metadata).",
         "",
         "## Model card",
         "| field | value |",
