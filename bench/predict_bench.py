@@ -34,6 +34,7 @@ from effnet.stages import predict  # noqa: E402
 
 def make_bundle(name: str, out: Path, img_size: int | None) -> Path:
     variant = variants.resolve(name, None)
+    torch.manual_seed(0)
     model = models.build(variant, 1000)
     spec = models.ModelSpec(variant=name, model=name, classes=[f"class{i}" for i in range(1000)],
                             preprocessing=models.preprocessing(model, variant, img_size))

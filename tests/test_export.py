@@ -27,6 +27,7 @@ CFG = ExportConfig()
 def built(name: str, size: int, classes: int = 10) -> tuple[nn.Module, models.ModelSpec]:
     """A model with random weights, calibrated to behave like a trained one on the export's parity images."""
     variant = variants.resolve(None, -6) if name == "tiny" else variants.resolve(name, None)
+    torch.manual_seed(0)
     model = models.build(variant, classes)
     spec = models.ModelSpec(variant=name, model=None if variant.phi is not None else name, phi=variant.phi,
                             classes=[f"c{i}" for i in range(classes)],

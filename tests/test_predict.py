@@ -39,6 +39,7 @@ def one_thread():
 def tiny_bundle(dest: Path, classes: list[str], size: int = 40) -> Path:
     """A tiny model with random weights that predicts like a trained one (`models.calibrate`)."""
     variant = models.variants.resolve(None, -6)
+    torch.manual_seed(0)
     model = models.build(variant, len(classes))
     spec = models.ModelSpec(variant="tiny", phi=variant.phi, classes=classes,
                             preprocessing=models.preprocessing(model, variant, size))
@@ -119,13 +120,14 @@ def test_rows_are_the_models_own_preprocessing_and_softmax(bundle, pics, tmp_pat
         top = probs.topk(4)
         row = out.loc[path]
         assert [row[f"class_{i + 1}"] for i in range(4)] == [spec.classes[j] for j in top.indices]
-        np.testing.assert_allclose([row[f"prob_{i + 1}"] for i in range(4)], top.values, atol=2e-6)
+        np.testing.assert_allclose([row[f"prob_{i + 1}"] for i in range(4)], top.values, atol=1e-5)
 
 
 def test_batch_size_and_loader_workers_change_nothing(bundle, pics, tmp_path):
     alone = rows(CFG.model_copy(update={"batch_size": 5}), bundle, pics, tmp_path, "alone.csv")
     workers = rows(CFG.model_copy(update={"batch_size": 2, "num_workers": 2}), bundle, pics, tmp_path, "w.csv")
-    pd.testing.assert_frame_equal(alone, workers)
+    pd.testing.assert_frame_equal(alone, workers, check_exact=False, atol=1e-5)  # classes exact, probabilities
+    # to float rounding: oneDNN's kernels vary with the batch size
 
 
 def test_tables_files_and_shards_are_sources_too(bundle, pics, demo_dir, shards_dir, tmp_path):
@@ -137,7 +139,7 @@ def test_tables_files_and_shards_are_sources_too(bundle, pics, demo_dir, shards_
     assert list(by_csv["path"]) == [f"pics/{r}" for r in relative]  # named as the table writes them
     pd.testing.assert_frame_equal(by_csv.drop(columns="path"), folder.reset_index(drop=True))
     by_tsv = rows(CFG, bundle, pics.parent / "list.tsv", tmp_path, "tsv.csv")
-    pd.testing.assert_frame_equal(by_tsv, folder.reset_index())
+    pd.testing.assert_frame_equal(by_tsv, folder.reset_index())  # same batches as the folder's: exact
     one = rows(CFG, bundle, pics / "a/1.jpg", tmp_path, "one.csv")
     assert len(one) == 1 and one.iloc[0]["class_1"] == folder.loc[str(pics / "a/1.jpg"), "class_1"]
     # The shards hold the demo JPEGs byte for byte: the same predictions, named <split>/<key>.
@@ -197,6 +199,7 @@ def test_cli_writes_csv_to_stdout_and_its_summary_to_stderr(bundle, pics, capsys
     (["models:/tiny@champion", "{pics}"], "no MLflow store here"),
     (["{bundle}", "{pics}", "--out", "rows.xlsx"], "rows.xlsx"),
     (["{bundle}", "{pics}", "--topk", "0"], "predict.topk"),
+    (["{bundle}", "{pics}", "--device", "tpu9"], "tpu9"),
     (["{bundle}", "{pics}", "--set", "train.epochs=1"], "train.epochs"),
 ])
 def test_bad_input_is_one_line_naming_it_before_any_work(bundle, pics, tmp_path, monkeypatch, capsys, args, culprit):

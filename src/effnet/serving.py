@@ -73,9 +73,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except RuntimeError as e:
         raise EffnetError(f"device {device!r}: {e}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise EffnetError(f"device {device!r}: no CUDA device here")
+    return chosen
 
 
 def columns(k: int) -> dict[str, type]:
