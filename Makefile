@@ -9,8 +9,10 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 UI_PORT ?= 5000
+PORT ?= 5001
+HOST ?= 127.0.0.1
 
-.PHONY: install demo ui serve test test-all zoo lock clean
+.PHONY: install demo ui serve serve-model test test-all zoo lock clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +35,15 @@ ui: install  ## MLflow UI over the workspace's store
 
 serve: install  ## the flow as a deployment on a cron schedule (CRON=..., NAME=...); trigger: prefect deployment run 'effnet-pipeline/nightly'
 	$(PY) flows/serve.py --name $(or $(NAME),nightly) --cron "$(or $(CRON),0 2 * * *)"
+
+# `mlflow models serve --env-manager local` starts uvicorn by name: without the venv's bin on PATH (exported above)
+# it exits 127. The registry is the workspace's store unless MLFLOW_TRACKING_URI names another.
+serve-model: install  ## a registered model over HTTP: MODEL=models:/<name>@<alias> [PORT=5001 HOST=127.0.0.1]; POST /invocations
+	@test -n "$(MODEL)" || { echo "usage: make serve-model MODEL=models:/<name>@<alias> [PORT=$(PORT)]" >&2; exit 2; }
+	@test -n "$$MLFLOW_TRACKING_URI" || test -f mlflow.db || case "$(MODEL)" in models:/*|runs:/*) \
+	  echo "no MLflow store here: no mlflow.db in $(CURDIR) and MLFLOW_TRACKING_URI is not set" >&2; exit 2;; esac
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  mlflow models serve -m "$(MODEL)" --env-manager local --host $(HOST) --port $(PORT)
 
 test: install  ## the layering contracts, then the fast suite (what CI runs)
 	$(VENV)/bin/lint-imports

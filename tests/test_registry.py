@@ -3,6 +3,7 @@ the candidate evaluate selected, idempotently, with lean tags and the model card
 inputs; promotion on the same evaluated data only."""
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 
@@ -125,20 +126,22 @@ def test_a_selected_model_not_given_is_one_line_naming_it(store, tiny_params):
     assert not (ws / "nope.json").exists()
 
 
-def test_pyfunc_takes_arrays_and_paths_and_returns_named_probabilities(store, demo_dir):
+def test_pyfunc_takes_arrays_paths_and_encoded_images_and_returns_named_probabilities(store, demo_dir):
     model = mlflow.pyfunc.load_model("models:/tiny@champion")
     paths = [str(p) for p in sorted((demo_dir / "val").rglob("*.jpg"))[:3]]
     images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     from_array = model.predict(images)
     assert isinstance(from_array, pd.DataFrame) and list(from_array.columns) == store["spec"].classes
     np.testing.assert_allclose(from_array.sum(axis=1), 1.0, atol=1e-5)
-    from_paths = model.predict(np.array(paths, dtype=object))
-    np.testing.assert_allclose(from_paths.to_numpy(), from_array.to_numpy(), atol=1e-6)
-    with pytest.raises(mlflow.exceptions.MlflowException):  # MLflow rejects a plain list before the model sees it
-        model.predict(paths)
+    encoded = [base64.b64encode(open(p, "rb").read()).decode() for p in paths]
+    for same in [paths, np.array(paths, dtype=object), encoded, pd.DataFrame({"image": encoded}),
+                 pd.DataFrame({"path": paths}), [open(p, "rb").read() for p in paths], list(images)]:
+        np.testing.assert_allclose(model.predict(same).to_numpy(), from_array.to_numpy(), atol=1e-6)
     ragged = model.predict(np.array([images[0], images[1][:30, :20], None], dtype=object)[:2])
     assert ragged.shape == (2, len(store["spec"].classes))
-    assert model.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1, 3)
+    assert model.metadata.get_input_schema() is None  # the model checks its input (MLflow's schemas cannot)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="item 1: not an image"):
+        model.predict([encoded[0], base64.b64encode(b"not an image").decode()])
 
 
 def test_promotion_compares_only_on_the_same_evaluated_data(store, tiny_params, demo_dir, tmp_path):

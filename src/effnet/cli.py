@@ -5,6 +5,7 @@ Errors a user can fix (bad params, missing paths) print as one line, `effnet: er
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,9 +14,13 @@ from pydantic import BaseModel
 from effnet import env
 from effnet.errors import EffnetError
 
+PARAMS = "params.yaml"
+MODEL_FORMS = "a bundle folder, models:/<name>@<alias>, models:/<name>/<version> or runs:/<run_id>/model"
+PREDICT_FLAGS = {"--topk": "topk", "--batch-size": "batch_size", "--workers": "num_workers", "--device": "device"}
+
 
 def _common(p: argparse.ArgumentParser, variant: bool = False) -> None:
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--params", default=PARAMS, help=f"params file (default: {PARAMS})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one param (repeatable), e.g. --set train.epochs=3")
     if variant:
@@ -54,11 +59,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="shards folder/URL: the data fingerprints promotion compares on")
     p.add_argument("--plot", type=Path, help="evaluate's sweep rows: the model card's candidate table")
     _common(p, variant=True)
+    p = sub.add_parser("predict", help="top-k classes per image: a folder, CSV/TSV of paths, image file or shards")
+    p.add_argument("model", help=f"the model: {MODEL_FORMS}")
+    p.add_argument("source", help="a folder (recursive), a CSV/TSV with a path column, an image file, or shards")
+    p.add_argument("--out", type=Path, help="rows to write: .csv, .tsv, .jsonl or .parquet (default: standard output)")
+    p.add_argument("--format", choices=["csv", "tsv", "jsonl", "parquet"], help="instead of the --out suffix")
+    for flag, key in PREDICT_FLAGS.items():
+        p.add_argument(flag, dest=key, metavar="DEVICE" if key == "device" else "N",
+                       help=f"sets predict.{key} (else from params, else its default)")
+    _common(p)
+    p = sub.add_parser("export", help="a model to ONNX, parity-checked against PyTorch (onnxruntime)")
+    p.add_argument("model", help=f"the model: {MODEL_FORMS}")
+    p.add_argument("out", type=Path, help="the .onnx file to write")
+    p.add_argument("--images", help="parity-check on these images (any predict source); default: noise images")
+    _common(p)
     p = sub.add_parser("variants", help="the model card as a table")
     p.add_argument("--json", action="store_true", help="print a JSON list instead")
     p.add_argument("--flops", action="store_true", help="add FLOPs measured on the built model")
     p.add_argument("--phi", type=float, action="append", help="show the compound-scaled variant for PHI")
     return ap
+
+
+def _predict_overrides(args: argparse.Namespace) -> list[str]:
+    """--topk 3 & co are --set predict.topk=3: the same checks, and they win over params."""
+    return args.overrides + [f"predict.{key}={getattr(args, key)}" for key in PREDICT_FLAGS.values()
+                             if getattr(args, key) is not None]
 
 
 def _labelled(items: list[str]) -> dict[str, Path]:
@@ -81,6 +106,15 @@ def dispatch(args: argparse.Namespace) -> object:
         return variants.show(args.phi or [], as_json=args.json, measure=measure, measure_flops=args.flops)
 
     from effnet import config
+    if args.command in ("predict", "export"):  # also outside a workspace: params.yaml when there, else defaults
+        default = args.params == PARAMS
+        if args.command == "predict":
+            from effnet.stages import predict
+            cfg = config.load_section("predict", args.params, _predict_overrides(args), optional=default)
+            return predict.run(cfg, args.model, args.source, args.out, args.format)
+        from effnet.stages import export
+        cfg = config.load_section("export", args.params, args.overrides, optional=default)
+        return export.run(cfg, args.model, args.out, args.images)
     params = config.load(args.params, args.overrides)
     if hasattr(args, "variant"):
         params.variant(args.variant)  # unknown key -> error before any work
@@ -114,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     except EffnetError as e:
         print(f"effnet: error: {e}", file=sys.stderr)
         return 2
-    if isinstance(result, BaseModel):
-        print(result.model_dump_json(indent=2))
+    except BrokenPipeError:  # `effnet predict ... | head`: the reader has gone, as with any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    if isinstance(result, BaseModel):  # predict's rows may be on stdout: its summary goes to stderr
+        print(result.model_dump_json(indent=2), file=sys.stderr if args.command == "predict" else sys.stdout)
     return 0
 
 

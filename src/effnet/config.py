@@ -141,6 +141,19 @@ class RegistryConfig(Section):
     promote_on_new_data: bool = False
 
 
+class PredictConfig(Section):
+    batch_size: int = Field(default=32, ge=1)
+    num_workers: int = Field(default=2, ge=0)  # loader processes decoding images; 0: in the main process
+    topk: int = Field(default=5, ge=1)  # classes per image (at most the model's)
+    device: str = "auto"  # auto: CUDA when there is a device, else the CPU; or any torch device ("cpu", "cuda:1")
+
+
+class ExportConfig(Section):
+    opset: int = Field(default=18, ge=13)  # ONNX opset, pinned: an exporter's default moves with its version
+    atol: float = Field(default=1e-4, gt=0)  # parity bound: max |logit difference|, PyTorch vs onnxruntime, fp32
+    parity_images: int = Field(default=8, ge=1)  # images checked (synthetic, or the first of `effnet export --images`)
+
+
 class MlflowConfig(Section):
     experiment: str = "effnet"
 
@@ -154,6 +167,8 @@ class Params(Section):
     fixres: FixResConfig = FixResConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+    predict: PredictConfig = PredictConfig()
+    export: ExportConfig = ExportConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
     def variant(self, key: str) -> variants.Variant:
@@ -175,17 +190,17 @@ def _override(raw: dict, assignment: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
-def _one_line(err: ValidationError, source: str) -> str:
+def _one_line(err: ValidationError, source: str, section: str | None = None) -> str:
     first = err.errors()[0]
     # union members add their type to the location (fixres.img_size.constrained-int): keep the field names only
-    key = ".".join(str(p) for p in first["loc"] if not any(c in str(p) for c in "-[("))
+    loc = ([section] if section else []) + [p for p in first["loc"] if not any(c in str(p) for c in "-[(")]
+    key = ".".join(str(p) for p in loc)
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     msg = first["msg"].removeprefix("Value error, ")
     return f"{source}: {key}: {msg}{more}"
 
 
-def load(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
-    path = Path(path)
+def _read(path: Path) -> dict:
     if not path.is_file():
         raise EffnetError(f"params file not found: {path}")
     try:
@@ -194,9 +209,32 @@ def load(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
         raise EffnetError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise EffnetError(f"{path}: expected a mapping of sections")
+    return raw
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
+    path = Path(path)
+    raw = _read(path)
     for assignment in overrides:
         _override(raw, assignment)
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
         raise EffnetError(_one_line(e, str(path))) from None
+
+
+def load_section(name: str, path: str | Path = "params.yaml", overrides: list[str] = (),
+                 optional: bool = True) -> Section:
+    """Section NAME alone, for a command that also runs outside a workspace (predict, export): read from PATH when
+    it is there (or when not OPTIONAL), else the defaults; --set overrides of this section apply either way."""
+    path = Path(path)
+    read = path.is_file() or not optional
+    raw = _read(path) if read else {}
+    for assignment in overrides:
+        if not assignment.startswith(f"{name}."):
+            raise EffnetError(f"--set {assignment.partition('=')[0]}: `effnet {name}` reads only the {name} section")
+        _override(raw, assignment)
+    try:
+        return Params.model_fields[name].annotation.model_validate(raw.get(name) or {})
+    except ValidationError as e:
+        raise EffnetError(_one_line(e, str(path) if read else "--set", name)) from None

@@ -13,6 +13,7 @@ DEFAULTS = {
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # predict/export fetch a bundle: their own bar is the one shown
 }
 
 NOISE = [

@@ -49,6 +49,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.rename(path)
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A file written whole or not at all, by a writer that streams into it: yields `PATH.tmp`, which replaces
+    PATH when the block succeeds; on an error it is removed and PATH is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def sha256_stream(f, h=None):
     """Feed the binary file object F into H (a new sha256 by default) in chunks; returns H."""
     h = h or hashlib.sha256()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,37 @@ def measure(variant: variants.Variant, num_classes: int = 1000, img_size: int | 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return dict(params=sum(p.numel() for p in model.parameters()), gmacs=counter.get_total_flops() / 2 / 1e9)
+
+
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], logit_std: float = 2.0,
+              residual_scale: float = 0.1) -> nn.Module:
+    """A model with random weights made to behave numerically like a trained one, for tests and benches that compare
+    logits. Fresh BatchNorm statistics (mean 0, variance 1) shrink the activations block after block, to logits near
+    1e-5 against which any comparison is vacuous; and at full scale, random residual branches make a deep model
+    chaotic (L2's fp32 and fp64 logits differ by whole units), where no parity bound means anything. So: each
+    residual branch's last BatchNorm scaled by RESIDUAL_SCALE (small corrections, as trained branches are), the
+    statistics measured on BATCHES, and the classifier scaled to logits of standard deviation LOGIT_STD on the
+    last batch (an ImageNet-trained EfficientNet's are about 2)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    with torch.no_grad():
+        for block in model.modules():
+            if getattr(block, "has_skip", False):  # timm's blocks with a residual connection
+                [*_, last] = (m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+                last.weight.mul_(residual_scale)
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # the exact mean over the batches
+        model.train()
+        for x in batches:
+            model(x)
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        scale = logit_std / model.eval()(x).std().item()
+        head = model.get_classifier()
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+    return model
 
 
 def preprocessing(model: nn.Module, variant: variants.Variant, img_size: int | None = None) -> Preprocessing:

@@ -1,58 +1,80 @@
 """The registered model's Python face: an MLflow pyfunc over a model bundle, with its signature and the pinned
 requirements it is served with.
 
-`mlflow.pyfunc.load_model(uri).predict(x)` takes x a uint8 NHWC array (the signature), or a 1-D object array of
-image paths or of HWC arrays of any sizes, e.g. `np.array(paths, dtype=object)` (MLflow's schema check lets such
-"ragged" arrays through a tensor signature; a plain Python list, or a DataFrame, it rejects before the model sees
-it: wrap a list in `np.array(..., dtype=object)`). The result is a DataFrame of class probabilities, one column per
-class name.
+`mlflow.pyfunc.load_model(uri).predict(x)` and `mlflow models serve` take a batch of images in any of these forms:
+a uint8 NHWC array; a list or 1-D array of items, each base64 text of an encoded image (JPEG, PNG, ...; a `data:`
+URL too), encoded bytes, an image path, or an HWC array of any size; a DataFrame or dict whose `image` (or `path`)
+column holds such items. Over HTTP that is `{"inputs": ["<base64>", ...]}` or `{"dataframe_split": {"columns":
+["image"], "data": [["<base64>"], ...]}}`. The result is a DataFrame of class probabilities, one column per class.
+
+The signature declares the outputs only: MLflow enforces an input schema before the model sees the data, and no
+schema of its lets both arrays and base64 text through (a tensor schema refuses text, a column schema arrays). The
+model checks its input itself, and a bad batch (empty, a wrong shape, an item that is not an image) raises an
+MlflowException with INVALID_PARAMETER_VALUE, which the scoring server answers with a 400 naming the item.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema, TensorSpec
-from PIL import Image
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
 
 from effnet import models
-from effnet.data import transforms
+from effnet.data import images, transforms
 
 # What the served model imports: pinned to the versions it was trained with.
 SERVING_REQUIREMENTS = ["torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas", "pydantic",
                         "pyyaml", "mlflow"]
+COLUMNS = ("image", "path")  # the columns a DataFrame (or dict) input is read from, in this order
+
+
+def bad_input(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def batch_items(model_input) -> list:
+    """The images of a request, in any of the module's forms, as a list of items for `images.load`."""
+    if isinstance(model_input, (pd.DataFrame, dict)):
+        names = list(model_input.keys())
+        column = next((c for c in COLUMNS if c in names), names[0] if len(names) == 1 else None)
+        if column is None:
+            raise bad_input(f"expected an 'image' (base64 or bytes) or 'path' column, got columns {names}")
+        model_input = model_input[column]
+    if isinstance(model_input, (str, bytes)):
+        model_input = [model_input]
+    if isinstance(model_input, np.ndarray) and model_input.ndim not in (1, 4):
+        raise bad_input(f"expected a batch: an N x H x W x 3 array or a list of images, got an array of shape "
+                        f"{model_input.shape}")
+    items = list(model_input)
+    if not items:
+        raise bad_input("empty batch: send at least one image")
+    return items
 
 
 class EffnetPyfunc(mlflow.pyfunc.PythonModel):
-    """Images in (a uint8 NHWC array, or a 1-D object array of HWC arrays or image paths; called directly, also a
-    list or a DataFrame with a `path` column), class probabilities out (a DataFrame, one column per class name)."""
+    """Images in (see the module docstring), class probabilities out (a DataFrame, one column per class name)."""
 
     def load_context(self, context):
         self.model, self.spec = models.load_bundle(Path(context.artifacts["bundle"]))
         self.transform = transforms.eval_transform(self.spec.preprocessing)
 
-    @staticmethod
-    def _image(item) -> Image.Image:
-        if isinstance(item, (str, os.PathLike)):
-            with Image.open(item) as img:
-                return img.convert("RGB")
-        return Image.fromarray(np.asarray(item, dtype=np.uint8)).convert("RGB")
-
     def predict(self, context, model_input, params=None):
-        if isinstance(model_input, pd.DataFrame):
-            column = "path" if "path" in model_input.columns else model_input.columns[0]
-            model_input = model_input[column].tolist()
-        batch = torch.stack([self.transform(self._image(item)) for item in model_input])
+        tensors = []
+        for i, item in enumerate(batch_items(model_input)):
+            try:
+                tensors.append(self.transform(images.load(item)))
+            except images.ImageError as e:
+                raise bad_input(f"item {i}: {e}") from None
         with torch.inference_mode():
-            probs = self.model(batch).softmax(dim=1).numpy()
+            probs = self.model(torch.stack(tensors)).softmax(dim=1).numpy()
         return pd.DataFrame(probs, columns=self.spec.classes)
 
 
 def signature(classes: list[str]) -> ModelSignature:
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                          outputs=Schema([ColSpec("float", c) for c in classes]))
+    return ModelSignature(outputs=Schema([ColSpec("float", c) for c in classes]))

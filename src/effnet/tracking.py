@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from effnet import io
+from effnet.errors import EffnetError
 
 # mlflow is imported where it is used: the training library imports this module, and a user of that library (a
 # bench, a notebook) need not have MLflow installed until something is logged.
@@ -39,13 +40,24 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def connect(existing: bool = False) -> str:
+    """Point MLflow at the store and return its URI. EXISTING: a reader's call (predict, export), which fails in
+    one line where there is no store rather than let MLflow create an empty one in the working directory."""
+    import mlflow
+    user_set = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    if existing and not user_set and not (Path.cwd() / "mlflow.db").is_file():
+        raise EffnetError(f"no MLflow store here: no mlflow.db in {Path.cwd()} and MLFLOW_TRACKING_URI is not set")
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if not user_set:  # MLflow exports the URI to the environment: the default must keep following the cwd
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return uri
+
+
 def experiment(name: str) -> str:
     """Point MLflow at the store and return the experiment's id, creating it (artifacts beside the db) if new."""
     import mlflow
-    user_set = bool(os.environ.get("MLFLOW_TRACKING_URI"))
-    mlflow.set_tracking_uri(tracking_uri())
-    if not user_set:  # MLflow exports the URI to the environment: the default must keep following the cwd
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    connect()
     found = mlflow.get_experiment_by_name(name)
     if found:
         return found.experiment_id

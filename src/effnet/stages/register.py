@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 import effnet
-from effnet import io, models, pyfunc, tracking
+from effnet import io, models, onnx_export, pyfunc, tracking
 from effnet.config import Params, RegistryConfig
 from effnet.data.manifest import open_url, read_manifest, shard_urls
 from effnet.errors import EffnetError
@@ -145,12 +145,14 @@ def publish(params: Params, variant_key: str, new: Version, experiment_id: str, 
         mlflow.log_params({"registry." + k: v for k, v in params.registry.model_dump().items()})
         mlflow.log_params({k: new.tags[k] for k in ("selected_model", "img_size", "measured_on")})
         mlflow.log_metrics({"top1": new.top1, "top5": float(new.tags["measured_top5"])})
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=pyfunc.EffnetPyfunc(), artifacts={"bundle": str(bundle)},
-            code_paths=[str(Path(effnet.__file__).parent)], signature=pyfunc.signature(spec.classes),
-            input_example=example, registered_model_name=variant_key,
-            metadata={"classes": spec.classes, "preprocessing": spec.preprocessing.model_dump()},
-            pip_requirements=[f"{p}=={version(p)}" for p in pyfunc.SERVING_REQUIREMENTS])
+        with onnx_export.exported(bundle, params.export) as onnx_file:  # parity-checked, or no version at all
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=pyfunc.EffnetPyfunc(),
+                artifacts={"bundle": str(bundle), "onnx": str(onnx_file)},
+                code_paths=[str(Path(effnet.__file__).parent)], signature=pyfunc.signature(spec.classes),
+                input_example=example, registered_model_name=variant_key,
+                metadata={"classes": spec.classes, "preprocessing": spec.preprocessing.model_dump()},
+                pip_requirements=[f"{p}=={version(p)}" for p in pyfunc.SERVING_REQUIREMENTS])
         mv = str(info.registered_model_version)
         for k, v in new.tags.items():
             client.set_model_version_tag(variant_key, mv, k, v)
@@ -234,9 +236,12 @@ def model_card(name: str, spec: models.ModelSpec, selected: dict, split: str, ow
         "import mlflow, numpy as np",
         f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
         "model.predict(images)                        # uint8 array (N, H, W, 3)",
-        "model.predict(np.array(paths, dtype=object))  # image paths (or HWC arrays of any sizes)",
+        "model.predict([path_or_base64_or_bytes, ...]) # or pd.DataFrame({'image': [...]}): encoded images",
         "# -> DataFrame of class probabilities, one column per class",
         "```",
+        f"Served: `make serve-model MODEL=models:/{name}@champion`, then POST `{{\"inputs\": [\"<base64 JPEG>\"]}}` "
+        "to /invocations. ONNX: `artifacts/model.onnx` (parity-checked against PyTorch; classes and preprocessing "
+        "in its metadata).",
         "",
         "## Provenance",
         *(f"- {k}: `{v}`" for k, v in {**fingerprints, **{t: run_tags[t] for t in (

@@ -33,8 +33,9 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from pydantic import BaseModel
 
-from effnet import io
+from effnet import console, io
 from effnet.config import ShardConfig
+from effnet.data.images import to_rgb
 from effnet.data.manifest import MANIFEST, REJECTS, SPLITS, location
 from effnet.errors import EffnetError
 
@@ -125,12 +126,6 @@ def hold_out(files: list[tuple[Path, int]], fraction: float, seed: int) -> tuple
 
 # ---- one image: keep, normalise or reject ---------------------------------------------------------------------
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale: scale to 8 bits, not clip
-        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    return img.convert("RGB")
-
-
 def _fit(w: int, h: int, side: int | None) -> tuple[int, int]:
     """(w, h) shrunk to a longest side of SIDE, aspect kept; never enlarged."""
     if not side or max(w, h) <= side:
@@ -166,7 +161,7 @@ def prepare(data: bytes, cfg: ShardConfig) -> bytes:
         img.load()
         if as_is:
             return data
-        img = _to_rgb(ImageOps.exif_transpose(img))
+        img = to_rgb(ImageOps.exif_transpose(img))
         if _fit(*img.size, cfg.max_side) != img.size:  # after the transpose: w and h may have swapped
             img = img.resize(_fit(*img.size, cfg.max_side), Image.LANCZOS)
         buf = BytesIO()
@@ -226,20 +221,6 @@ class Shards:
             self.tar = None
 
 
-def _progress(total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed or 0:,.0f} img/s")
-
-    console = Console(stderr=True)
-    return Progress(TextColumn("shard"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
-                    console=console, disable=not console.is_terminal)
-
-
 class ShardResult(BaseModel):
     out: str
     classes: list[str]
@@ -283,7 +264,7 @@ def write_shards(cfg: ShardConfig, jobs: dict[str, list[tuple[Path, int]]], fs, 
     `splits`, each source file's `label:sha256` by its path relative to BASE, and the rejects (sorted)."""
     digests, rejects, splits = {}, [], {}
     workers = cfg.workers or os.cpu_count() or 1
-    with _pool(workers) as pool, _progress(sum(len(j) for j in jobs.values())) as bar:
+    with _pool(workers) as pool, console.progress("shard") as bar:
         task = bar.add_task("shard", total=sum(len(j) for j in jobs.values()))
         for split, todo in jobs.items():
             sink, count = Shards(fs, root, split, cfg.samples_per_shard, cfg.shard_bytes), 0
