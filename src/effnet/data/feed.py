@@ -123,3 +123,10 @@ def data_module(params: Params, shards: str | Path, pre: Preprocessing, train_tf
     return ShardDataModule(shards, train_tf, transforms.eval_transform(pre, uint8=True), batch_size,
                            params.data.num_workers, params.data.shuffle_buffer,
                            for_params(params, pre, channels_last, augment), seed, holdout=params.data.holdout)
+
+
+def for_inference(params: Params, pre: Preprocessing) -> tuple[DeviceFeed, torch.device]:
+    """Where and how a stage runs a model over shards, as the evaluate stage does: on CUDA when the Trainer would
+    use it (bf16, channels_last: see `inference.forward`), else on the CPU, through the configured data path."""
+    device = torch.device("cuda" if cuda_usable(params.train.accelerator) else "cpu")
+    return for_params(params, pre, channels_last=device.type == "cuda"), device

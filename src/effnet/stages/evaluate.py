@@ -16,7 +16,6 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import torch
 from pydantic import BaseModel
 
 from effnet import io, models, plots, tracking
@@ -95,15 +94,15 @@ def measure(params: Params, shards: str | Path, bundles: dict[str, Path]) -> Eva
     loaded = {label: models.load_bundle(path) for label, path in bundles.items()}
     own = {label: spec.img_size for label, (_, spec) in loaded.items()}
     sizes = sweep_sizes(set(own.values()), params.evaluate.sweep)
-    device = torch.device("cuda" if feed.cuda_usable(params.train.accelerator) else "cpu")
     decode = feed.resolve_decode(params.data.decode, params.train.accelerator)  # warns once, not per size
     params = params.model_copy(update={"data": params.data.model_copy(update={"decode": decode})})
 
     def score(label: str, size: int, split: str = "val", extra=()) -> dict[str, float]:
         model, spec = loaded[label]
         pre = spec.preprocessing.at(size)
-        return accuracy(model, pre, shards, params.evaluate.batch_size, params.data.num_workers, extra,
-                        feed.for_params(params, pre, channels_last=device.type == "cuda"), device, split)
+        fed, device = feed.for_inference(params, pre)
+        return accuracy(model, pre, shards, params.evaluate.batch_size, params.data.num_workers, extra, fed, device,
+                        split)
 
     sweep = {label: {size: score(label, size) for size in sizes} for label in loaded}
     selected = select(sweep, list(loaded))

@@ -193,10 +193,9 @@ def log_choice(run_id: str, choice: Choice, holdout: dict[str, float], fine_tune
 def _source(model: nn.Module, pre: models.Preprocessing, shards: str | Path, params: Params) -> dict:
     """The arguments `inference.accuracy` and `forward` share, for MODEL on this machine (CUDA when the Trainer
     would use it, the configured data path)."""
-    device = torch.device("cuda" if feed.cuda_usable(params.train.accelerator) else "cpu")
+    fed, device = feed.for_inference(params, pre)
     return dict(model=model, pre=pre, shards=shards, batch_size=params.evaluate.batch_size,
-                num_workers=params.data.num_workers, device=device,
-                feed=feed.for_params(params, pre, channels_last=device.type == "cuda"))
+                num_workers=params.data.num_workers, feed=fed, device=device)
 
 
 def _max_batches(params: Params) -> int:
