@@ -24,7 +24,7 @@ def _rank(rank: int, shards: str, tmp: str) -> None:
         keys = [k for _, _, ks in stream.eval_loader(shards, transforms.eval_transform(PRE), 5, 0) for k in ks]
         train = stream.train_loader(shards, transforms.train_transform(PRE, transforms.RAND_AUGMENT), 4, 0, 8,
                                     world_size=2)
-        batches = [len(y) for _, y in train]
+        batches = [len(y) for _, y, _ in train]
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump({"keys": keys, "batches": batches}, f)
     finally:
@@ -49,7 +49,7 @@ def test_ddp_ranks_see_each_val_sample_once_and_equal_train_batches(demo_dir, tm
 def test_rand_augment_and_draft_decode(shards_dir):
     tf = transforms.train_transform(PRE, transforms.RAND_AUGMENT)
     assert "RandAugment" in repr(tf)
-    x, y = next(iter(stream.train_loader(shards_dir, tf, 4, 0, 8, draft=16)))
+    x, y, _ = next(iter(stream.train_loader(shards_dir, tf, 4, 0, 8, draft=16)))
     assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
 
 
@@ -99,7 +99,7 @@ def _first_batches(shards, seed: int, workers: int, n: int = 3):
     loader = stream.train_loader(shards, transforms.train_transform(PRE, "original", uint8=True), 4, workers, 8,
                                  seed=seed)
     batches = []
-    for x, y in loader:
+    for x, y, _ in loader:
         batches.append((x, y))
         if len(batches) == n:
             return batches

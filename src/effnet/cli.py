@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         result = dispatch(args)
     except EffnetError as e:
         print(f"effnet: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     if isinstance(result, BaseModel):
         print(result.model_dump_json(indent=2))
     return 0

@@ -5,6 +5,7 @@ A bundle is a folder with `model.safetensors` (weights only: nothing is unpickle
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from functools import cache
@@ -197,9 +198,24 @@ def load_weights(model: nn.Module, path: str | Path, variant_name: str) -> None:
                           f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
 
 
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict as contiguous CPU tensors: what a bundle holds."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 of the model's weights and buffers, names and bytes in name order: equal hashes, equal bundles'
+    tensors (what a run's ranks, or two runs, can compare without writing a file)."""
+    h = hashlib.sha256()
+    for name, t in sorted(cpu_state(model).items()):
+        h.update(name.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_bundle(model: nn.Module, spec: ModelSpec, out: Path) -> None:
     """Write the bundle whole or not at all (`io.atomic_dir`)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = cpu_state(model)
     with io.atomic_dir(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "model.json").write_text(spec.model_dump_json(indent=2))

@@ -41,7 +41,7 @@ class ExactMeanBatchNormAct2d(BatchNormAct2d):
 
 
 class FixResResult(BaseModel):
-    bundle: Path
+    bundle: Path | None  # None on DDP ranks other than 0, which write nothing
     run_id: str | None  # the MLflow run (None on DDP ranks other than 0)
     img_size: int
     train_img_size: int
@@ -65,10 +65,13 @@ def run(params: Params, variant_key: str, shards: str | Path, trained: Path, out
                           cfg.seed, lightning.speedups(params.train)["channels_last"], augment=False)
     logged = {**cfg.model_dump(), "img_size": pre.img_size, "train_img_size": tuning.train_img_size,
               "trainable": TRAINABLE + cfg.unfreeze}
-    run_id = lightning.fit(tuning.module, dm, params.train.model_copy(update={"seed": cfg.seed}), cfg.epochs,
-                           params.mlflow.experiment, f"fixres@{variant_key}", logged)
-    models.save_bundle(tuning.module.model, tuning.spec, out)
-    return FixResResult(bundle=Path(out), run_id=run_id, img_size=pre.img_size,
+    hardware = params.train.model_copy(update={"seed": cfg.seed})  # train's devices and precision; fixres's own recipe
+    trainer = lightning.make_trainer(hardware, cfg.epochs)
+    run_id = lightning.fit(trainer, tuning.module, dm, hardware, params.mlflow.experiment, f"fixres@{variant_key}",
+                           logged)
+    if trainer.is_global_zero:
+        models.save_bundle(tuning.module.model, tuning.spec, out)
+    return FixResResult(bundle=Path(out) if trainer.is_global_zero else None, run_id=run_id, img_size=pre.img_size,
                         train_img_size=tuning.train_img_size)
 
 
