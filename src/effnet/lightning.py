@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
@@ -23,8 +25,7 @@ from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.plugins.layer_sync import LayerSync
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from timm.layers import BatchNormAct2d, convert_sync_batchnorm
-from timm.layers.norm_act import SyncBatchNormAct
+from timm.layers import BatchNormAct2d
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -305,18 +306,56 @@ class SaveOnSigterm(pl.Callback):
             trainer.save_checkpoint(self.path)
 
 
-class TimmSyncBatchNorm(LayerSync):
-    """Lightning's `sync_batchnorm` with timm's converter: torch's own turns timm's BatchNormAct2d (norm + activation)
-    into a plain SyncBatchNorm, dropping the activation."""
+class SyncBatchNormAct2d(BatchNormAct2d):
+    """timm's BatchNormAct2d with its training statistics taken over the global batch, every rank's images (the TPU
+    recipe's cross-replica BatchNorm). Each rank's count, mean and sum of squared deviations are all-gathered (a
+    differentiable all_gather, so gradients flow through the statistics to every rank, as SyncBatchNorm's do) and
+    combined (Chan et al.'s parallel variance). Unlike torch's SyncBatchNorm, which refuses CPU modules, it runs
+    on any device and backend (gloo too). Same parameters, buffers and eval forward as the layer it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c, xf = x.shape[1], x.float()
+        mean = xf.mean(dim=(0, 2, 3))
+        local = torch.cat([mean.new_full((1,), xf.numel() / c), mean,
+                           (xf - mean[None, :, None, None]).square().sum(dim=(0, 2, 3))])
+        stats = torch.stack(dist_nn.all_gather(local))  # (ranks, 1 + 2C)
+        counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        var = (m2s + counts * (means - mean).square()).sum(0) / n
+        if self.track_running_stats:
+            with torch.no_grad():  # as F.batch_norm updates them: momentum weighs the new value, variance unbiased
+                self.num_batches_tracked.add_(1)
+                weight = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), weight)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), weight)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return self.act(self.drop(y.to(x.dtype)))
+
+
+class GlobalBatchNorm(LayerSync):
+    """Lightning's layer-sync plugin (`sync_batchnorm`) with `SyncBatchNormAct2d` for timm's BatchNormAct2d layers
+    (torch's converter would turn them into plain SyncBatchNorm, dropping their activation)."""
 
     def apply(self, model: nn.Module) -> nn.Module:
-        return convert_sync_batchnorm(model)
+        layers = sum(type(m) is BatchNormAct2d for m in model.modules())
+        rank_zero_info(f"cross-replica BatchNorm: {layers} layers take their statistics over every rank's batch")
+        return _swap_class(model, BatchNormAct2d, SyncBatchNormAct2d)
 
     def revert(self, model: nn.Module) -> nn.Module:
-        for module in model.modules():
-            if isinstance(module, SyncBatchNormAct):  # same attributes and state; forward without the sync
-                module.__class__ = BatchNormAct2d
-        return model
+        return _swap_class(model, SyncBatchNormAct2d, BatchNormAct2d)
+
+
+def _swap_class(model: nn.Module, old: type, new: type) -> nn.Module:
+    """Same attributes and state, another forward: in place."""
+    for module in model.modules():
+        if type(module) is old:
+            module.__class__ = new
+    return model
 
 
 def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None, accumulate: int = 1,
@@ -341,7 +380,7 @@ def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None,
             strategy=cfg.strategy, precision=precision_for(cfg), logger=False, callbacks=callbacks,
             enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar,
             log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False, default_root_dir=".lightning",
-            accumulate_grad_batches=accumulate, plugins=[TimmSyncBatchNorm()] if sync_bn else None,
+            accumulate_grad_batches=accumulate, plugins=[GlobalBatchNorm()] if sync_bn else None,
             max_time=max_time,
         )
     except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
@@ -365,9 +404,9 @@ def mlflow_logger(experiment: str, run_name: str, run_id: str | None, params: di
     artifact location, tagged and with PARAMS logged."""
     stage, _, variant_key = run_name.partition("@")
     experiment_id = tracking.experiment(experiment)  # created with the workspace artifact location, not Lightning's
+    tags = {"stage": stage, **tracking.run_tags(variant_key, params, stage, experiment_id=experiment_id)}
     logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=tracking.tracking_uri(),
-                          artifact_location=None, run_id=run_id,
-                          tags={"stage": stage, **tracking.run_tags(variant_key, params, stage, experiment_id=experiment_id)})
+                          artifact_location=None, run_id=run_id, tags=tags)
     logger.log_hyperparams(params)  # on resume: the same values again, which MLflow accepts
     return logger
 

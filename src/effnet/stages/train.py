@@ -27,6 +27,7 @@ class TrainResult(BaseModel):
     global_batch: int  # per optimizer step: batch_size x world_size x accumulate_grad_batches
     world_size: int
     rank: int
+    steps: int  # optimizer steps taken (resumed runs: counting those before the resume)
     weights: str  # sha256 of the exported weights (every rank's own: under DDP they are the same)
     decode: str  # the data path that ran: cpu or gpu
 
@@ -42,6 +43,7 @@ class Trained:
     global_batch: int
     world_size: int
     rank: int
+    steps: int
     decode: str
 
 
@@ -52,8 +54,8 @@ def run(params: Params, variant_key: str, shards: str | Path, out: Path) -> Trai
         write(trained, params, out)
     return TrainResult(bundle=Path(out) if trained.rank == 0 else None, run_id=trained.run_id, spec=trained.spec,
                        lr=trained.lr, global_batch=trained.global_batch, world_size=trained.world_size,
-                       rank=trained.rank, weights=models.weights_hash(trained.module.eval_model),
-                       decode=trained.decode)
+                       rank=trained.rank, steps=trained.steps,
+                       weights=models.weights_hash(trained.module.eval_model), decode=trained.decode)
 
 
 def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
@@ -84,7 +86,8 @@ def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
                            checkpoints=checkpoint_folder(cfg, variant_key))
     spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
                             phi=variant.phi, classes=classes, preprocessing=pre)
-    return Trained(module, spec, run_id, lr, global_batch, trainer.world_size, trainer.global_rank, decode)
+    return Trained(module, spec, run_id, lr, global_batch, trainer.world_size, trainer.global_rank, trainer.global_step,
+                   decode)
 
 
 def write(trained: Trained, params: Params, out: Path) -> None:
