@@ -1,7 +1,8 @@
 """Streaming the shards into training: webdataset pipelines and a Lightning DataModule.
 
 Training streams resampled shards (every rank and worker draws shards independently and endlessly) cut to a fixed
-epoch length from the manifest, so all DDP ranks run the same number of steps. Evaluation reads each val shard
+epoch length from the manifest (whole optimizer steps of the global batch), so all DDP ranks run the same number of
+steps; the stream is resumable, exactly (`TrainStream`, `StreamState`). Evaluation reads each val shard
 once, split by node and worker, so that every sample is seen exactly once across ranks. Shards may live in a local
 folder, at an fsspec URL (s3://, gs://, memory://...) or behind a `pipe:` command with `{name}` in it.
 
