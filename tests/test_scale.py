@@ -9,7 +9,6 @@ import mlflow
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from pytorch_lightning.loggers.logger import DummyLogger
 from timm.layers import BatchNormAct2d
@@ -19,6 +18,7 @@ from effnet import cli, lightning, models
 from effnet.data.manifest import read_manifest
 from effnet.data.regularise import Regularise
 from effnet.stages import train
+from tests import ranks
 from tests.conftest import write_tiny_params
 
 
@@ -162,36 +162,8 @@ def test_random_erasing_replaces_one_box_per_image_and_nothing_else():
 
 # --- cross-replica BatchNorm ----------------------------------------------------------------------------------------
 
-def _sync_bn_rank(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
-    try:
-        g = torch.Generator().manual_seed(0)
-        x, w = torch.randn(6, 5, 4, 4, generator=g), torch.randn(6, 5, 4, 4, generator=g)
-        whole = BatchNormAct2d(5, momentum=0.1)
-        torch.nn.init.uniform_(whole.weight, generator=g)
-        torch.nn.init.uniform_(whole.bias, generator=g)
-        sync = lightning.GlobalBatchNorm().apply(copy.deepcopy(whole))
-        xs = x.clone().requires_grad_()
-        ys = whole(xs)
-        (ys * w).sum().backward()
-        part = slice(0, 2) if rank == 0 else slice(2, 6)  # uneven halves
-        xp = x[part].clone().requires_grad_()
-        yp = sync(xp)
-        (yp * w[part]).sum().backward()
-        grads = [p.grad.clone() for p in sync.parameters()]
-        for t in grads:
-            dist.all_reduce(t)  # DDP would average them; summed, they are the whole batch's
-        torch.save({"y": (yp - ys[part]).abs().max().item(), "x_grad": (xp.grad - xs.grad[part]).abs().max().item(),
-                    "param_grad": max((a - p.grad).abs().max().item() for a, p in zip(grads, whole.parameters())),
-                    "mean": (sync.running_mean - whole.running_mean).abs().max().item(),
-                    "var": (sync.running_var - whole.running_var).abs().max().item()}, f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_cross_replica_batchnorm_is_batchnorm_over_every_ranks_images(tmp_path):
-    mp.spawn(_sync_bn_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    mp.spawn(ranks.sync_bn, args=(str(tmp_path),), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert all(got[k] <= 1e-5 for k in ("y", "x_grad", "param_grad", "mean", "var")), got
@@ -202,7 +174,7 @@ def test_global_batchnorm_converts_every_timm_batchnorm_and_back(tiny_params):
     count = sum(type(m) is BatchNormAct2d for m in model.modules())
     state = {k: v.clone() for k, v in model.state_dict().items()}
     lightning.GlobalBatchNorm().apply(model)
-    assert count and sum(type(m) is lightning.SyncBatchNormAct2d for m in model.modules()) == count
+    assert count and sum(type(m) is models.SyncBatchNormAct2d for m in model.modules()) == count
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     synced = model(x)
@@ -223,10 +195,10 @@ def test_regularised_accumulated_training_stops_early_and_exports_the_best_epoch
                                                                                         workspace):
     """Mixup + CutMix + random erasing + accumulation through the real stage, early stopping on val top-1 after
     one epoch without a better one: the bundle holds the EMA of the epoch with the best val top-1."""
-    patience, epochs = 1, 5
+    patience, epochs = 1, 3
     cfg = tiny_params.train.model_copy(update={
-        "epochs": epochs, "batch_size": 8, "accumulate_grad_batches": 2, "mixup": 0.8, "cutmix": 1.0,
-        "random_erase": 0.5, "early_stop_patience": patience, "ema_decay": 0.9})
+        "epochs": epochs, "accumulate_grad_batches": 2, "mixup": 0.8, "cutmix": 1.0, "random_erase": 0.5,
+        "early_stop_patience": patience, "ema_decay": 0.9})
     params = tiny_params.model_copy(update={"train": cfg})
     trained = train.fit_model(params, "tiny", shards_dir)
     best = torch.load(workspace / cfg.checkpoint_dir / "tiny" / lightning.BEST, weights_only=True)
@@ -239,8 +211,9 @@ def test_regularised_accumulated_training_stops_early_and_exports_the_best_epoch
     assert best["epoch"] == best_epoch
     assert ran == epochs or ran == best_epoch + patience + 1  # it stopped once patience ran out
     total = read_manifest(shards_dir)["splits"]["train"]["total"]
-    assert trained.global_batch == 16 and trained.steps == ran * (total // 16)
-    assert int(float(run.data.params["global_batch"])) == 16
+    global_batch = 2 * cfg.batch_size
+    assert trained.global_batch == global_batch and trained.steps == ran * (total // global_batch)
+    assert int(run.data.params["global_batch"]) == global_batch
     val_total = read_manifest(shards_dir)["splits"]["val"]["total"]
     assert [v for _, v in _run_history(workspace, "val/images")[1]] == [val_total] * ran
 

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
@@ -34,7 +32,7 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from effnet import io, tracking
+from effnet import io, models, tracking
 from effnet.config import TrainConfig
 from effnet.data import stream
 from effnet.data.feed import cuda_usable
@@ -306,48 +304,18 @@ class SaveOnSigterm(pl.Callback):
             trainer.save_checkpoint(self.path)
 
 
-class SyncBatchNormAct2d(BatchNormAct2d):
-    """timm's BatchNormAct2d with its training statistics taken over the global batch, every rank's images (the TPU
-    recipe's cross-replica BatchNorm). Each rank's count, mean and sum of squared deviations are all-gathered (a
-    differentiable all_gather, so gradients flow through the statistics to every rank, as SyncBatchNorm's do) and
-    combined (Chan et al.'s parallel variance). Unlike torch's SyncBatchNorm, which refuses CPU modules, it runs
-    on any device and backend (gloo too). Same parameters, buffers and eval forward as the layer it replaces."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        c, xf = x.shape[1], x.float()
-        mean = xf.mean(dim=(0, 2, 3))
-        local = torch.cat([mean.new_full((1,), xf.numel() / c), mean,
-                           (xf - mean[None, :, None, None]).square().sum(dim=(0, 2, 3))])
-        stats = torch.stack(dist_nn.all_gather(local))  # (ranks, 1 + 2C)
-        counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
-        n = counts.sum()
-        mean = (counts * means).sum(0) / n
-        var = (m2s + counts * (means - mean).square()).sum(0) / n
-        if self.track_running_stats:
-            with torch.no_grad():  # as F.batch_norm updates them: momentum weighs the new value, variance unbiased
-                self.num_batches_tracked.add_(1)
-                weight = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), weight)
-                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), weight)
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return self.act(self.drop(y.to(x.dtype)))
-
-
 class GlobalBatchNorm(LayerSync):
-    """Lightning's layer-sync plugin (`sync_batchnorm`) with `SyncBatchNormAct2d` for timm's BatchNormAct2d layers
-    (torch's converter would turn them into plain SyncBatchNorm, dropping their activation)."""
+    """Lightning's layer-sync plugin (`sync_batchnorm`) with `models.SyncBatchNormAct2d` for timm's BatchNormAct2d
+    layers (torch's converter would turn them into plain SyncBatchNorm, dropping their activation; torch's
+    SyncBatchNorm also refuses CPU modules)."""
 
     def apply(self, model: nn.Module) -> nn.Module:
         layers = sum(type(m) is BatchNormAct2d for m in model.modules())
         rank_zero_info(f"cross-replica BatchNorm: {layers} layers take their statistics over every rank's batch")
-        return _swap_class(model, BatchNormAct2d, SyncBatchNormAct2d)
+        return _swap_class(model, BatchNormAct2d, models.SyncBatchNormAct2d)
 
     def revert(self, model: nn.Module) -> nn.Module:
-        return _swap_class(model, SyncBatchNormAct2d, BatchNormAct2d)
+        return _swap_class(model, models.SyncBatchNormAct2d, BatchNormAct2d)
 
 
 def _swap_class(model: nn.Module, old: type, new: type) -> nn.Module:
