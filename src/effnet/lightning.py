@@ -2,9 +2,9 @@
 (`make_trainer`: its devices resolved before anything else is built, so the global batch is known) and `fit`, which
 runs it with MLflow logging on rank 0. The train and fixres stages both train through it.
 
-Under DDP, however launched (Lightning's own launcher, torchrun, srun: `env.py`-free, each rank runs the same
-command), only rank 0 touches MLflow, the checkpoint folder's run file and the stage's outputs; the other ranks
-only read the checkpoint folder, and only before the ranks first meet."""
+Under DDP, however launched (Lightning's own launcher, torchrun, srun: every rank runs the same command), only rank
+0 touches MLflow, the checkpoint folder's run file and the stage's outputs; the other ranks only read the checkpoint
+folder, and only before the ranks first meet."""
 from __future__ import annotations
 
 import json
@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.plugins.layer_sync import LayerSync
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from timm.layers import BatchNormAct2d
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -242,6 +241,16 @@ class RunFile(pl.Callback):
                                                                  "fingerprint": self.fp}))
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """Every N optimizer steps, but not at an epoch's last batch: the epoch-end checkpoint follows once validation
+    has run, and validating draws from the process RNG (its loader's seed), which a resume from before it could
+    not replay in order."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 def checkpoint_callbacks(folder: Path, every_n_steps: int | None, best: bool = False) -> list[ModelCheckpoint]:
     """One `last.ckpt`, rewritten at each epoch end and every N optimizer steps; with BEST, also `best.ckpt`, the
     epoch with the best val top-1. Lightning writes a local checkpoint inside an fsspec transaction (a temp file
@@ -249,8 +258,8 @@ def checkpoint_callbacks(folder: Path, every_n_steps: int | None, best: bool = F
     kw = dict(dirpath=folder, save_top_k=1, enable_version_counter=False)
     callbacks = [ModelCheckpoint(filename=LAST.removesuffix(".ckpt"), every_n_epochs=1, **kw)]  # at validation end
     if every_n_steps:
-        callbacks.append(ModelCheckpoint(filename=LAST.removesuffix(".ckpt"), every_n_train_steps=every_n_steps,
-                                         every_n_epochs=0, **kw))
+        callbacks.append(StepCheckpoint(filename=LAST.removesuffix(".ckpt"), every_n_train_steps=every_n_steps,
+                                        every_n_epochs=0, **kw))
     if best:
         callbacks.append(ModelCheckpoint(filename=BEST.removesuffix(".ckpt"), monitor=MONITOR, mode="max", **kw))
     return callbacks
@@ -404,8 +413,8 @@ def fit(trainer: pl.Trainer, module: Classifier, dm: ShardDataModule, cfg: Train
         kept = folder / LAST if folder else None
         raise EffnetError(f"{e}; last good checkpoint kept: {kept}" if kept and kept.is_file() else str(e)) from None
     except SIGTERMException:
-        raise Preempted(f"stopped by SIGTERM at step {trainer.global_step}; checkpoint saved: {folder / LAST} "
-                        "(run the stage again to resume)") from None
+        saved = f"checkpoint saved: {folder / LAST} (run the stage again to resume)" if folder else "no checkpoint"
+        raise Preempted(f"stopped by SIGTERM at step {trainer.global_step}; {saved}") from None
     best = folder / BEST if folder else None
     if trainer.is_global_zero and best and best.is_file():
         module.load_state_dict(torch.load(best, map_location=module.device, weights_only=True)["state_dict"])

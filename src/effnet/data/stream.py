@@ -163,10 +163,10 @@ class TrainStream(torch.utils.data.IterableDataset):
     batcher reads one sample ahead), kept so that runs repeat those of earlier versions bit for bit."""
 
     def __init__(self, urls: list[str], transform, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
-                 steps: int, workers: int, draft: int | None = None, resume: StreamState | None = None):
+                 steps: int, draft: int | None = None, resume: StreamState | None = None):
         super().__init__()
         self.urls, self.transform, self.batch_size, self.shuffle_buffer = urls, transform, batch_size, shuffle_buffer
-        self.seed, self.rank, self.steps, self.workers, self.draft = seed, rank, steps, workers, draft
+        self.seed, self.rank, self.steps, self.draft = seed, rank, steps, draft
         self.resume = resume
         self._epoch: int | None = None  # per worker process: the epoch its next iteration makes
         self._position = Position()
@@ -292,7 +292,7 @@ def train_loader(shards: str | Path, transform, batch_size: int, num_workers: in
                     "afresh, not where the checkpoint was", resume.steps, resume.workers, steps, workers)
         resume = None
     stream = TrainStream(shard_urls(shards, "train"), transform, batch_size, shuffle_buffer, seed, rank, steps,
-                         workers, draft, resume)
+                         draft, resume)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=pin_memory, prefetch_factor=PREFETCH if workers else None)
     state = StreamState(steps, workers) if resume is None else StreamState.from_dict(resume.to_dict())
