@@ -116,6 +116,7 @@ def test_an_interrupted_run_resumed_exports_the_uninterrupted_runs_weights_bit_f
     cmd = _train_cmd(shards_dir, params, *RESUME_SETS)
     whole = _uninterrupted(cmd, tmp_path / "whole")
     rc, step, err, resumed = _interrupted(cmd, tmp_path / "interrupted", how)
+    # Mid-epoch, whichever signal: SIGTERM never stops at an epoch's last batch (validation comes first).
     assert 0 < step < EPOCHS * PER_EPOCH and step % PER_EPOCH, "not interrupted mid-epoch"
     if how == "SIGTERM":
         lines = [line for line in err.splitlines() if line.startswith("effnet: error:")]
@@ -129,17 +130,23 @@ def test_an_interrupted_run_resumed_exports_the_uninterrupted_runs_weights_bit_f
 
 
 @pytest.mark.slow
-def test_two_ranks_killed_mid_epoch_resume_bit_for_bit(shards_dir, tmp_path):
-    """The same on two ranks (torchrun, gloo), every process killed -9: each rank's stream, RNGs and position come
-    back from the checkpoint rank 0 wrote."""
+def test_two_ranks_interrupted_mid_epoch_resume_bit_for_bit(shards_dir, tmp_path):
+    """The same on two ranks (torchrun, gloo), killed -9 (every process), then stopped by SIGTERM (torchrun passes
+    it on to both ranks, which stop at the same step): each rank's stream, RNGs and position come back from the
+    checkpoint rank 0 wrote."""
     params = write_tiny_params(tmp_path / "params.yaml")
     cmd = torchrun("--standalone", "--nproc-per-node", "2") + train_args(shards_dir, params, *RESUME_SETS,
                                                                           *TWO_RANKS)
     whole = _uninterrupted(cmd, tmp_path / "whole")
-    _, step, _, resumed = _interrupted(cmd, tmp_path / "interrupted", "kill -9")
-    assert 0 < step < EPOCHS * PER_EPOCH and step % PER_EPOCH, "not interrupted mid-epoch"
-    assert resumed["world_size"] == 2 and resumed["weights"] == whole["weights"]
-    _assert_one_finished_run_of_every_step(tmp_path / "interrupted", EPOCHS * PER_EPOCH)
+    for how in ("kill -9", "SIGTERM"):
+        ws = tmp_path / how.replace(" ", "")
+        _, step, err, resumed = _interrupted(cmd, ws, how)
+        assert 0 < step < EPOCHS * PER_EPOCH and step % PER_EPOCH, "not interrupted mid-epoch"
+        if how == "SIGTERM":
+            stopped = [line for line in err.splitlines() if line.startswith("effnet: error: stopped by SIGTERM")]
+            assert len(stopped) == 2 and len(set(stopped)) == 1, err[-3000:]  # both ranks, at the same step
+        assert resumed["world_size"] == 2 and resumed["weights"] == whole["weights"], how
+        _assert_one_finished_run_of_every_step(ws, EPOCHS * PER_EPOCH)
 
 
 def test_the_train_stage_repeats_bit_for_bit(tiny_params, shards_dir, tmp_path):

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.plugins.layer_sync import LayerSync
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from timm.layers import BatchNormAct2d
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -302,15 +303,33 @@ class ProcessRng(pl.Callback):
 
 
 class SaveOnSigterm(pl.Callback):
-    """SIGTERM (SLURM's and Kubernetes' first warning) ends the run at the next step boundary, every rank at the
-    same one (Lightning's signal handling); this saves the checkpoint there before the process exits."""
+    """SIGTERM (what SLURM and Kubernetes send before they stop a job, on a cluster often to one node's processes
+    only) ends training after the next optimizer step (not an epoch's last: its validation and epoch-end checkpoint
+    come first, as for `StepCheckpoint`): at each step's end the ranks agree whether any of them got it, then save
+    `last.ckpt` together, as a step checkpoint, and raise `Preempted`. It replaces Lightning's
+    handler, which acts on rank 0's signal only and broadcasts from inside the handler, out of step with the
+    other ranks' collectives (two ranks hung until torchrun killed them); Lightning restores the process's
+    handlers when training ends."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, self.received, self._steps_before = path, False, 0
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
+    def on_train_start(self, trainer, pl_module) -> None:
+        signal.signal(signal.SIGTERM, self._received)
+
+    def _received(self, signum, frame) -> None:
+        self.received = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._steps_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stepped = trainer.global_step > self._steps_before  # accumulated gradients are not in a checkpoint
+        last = batch_idx + 1 == trainer.num_training_batches
+        if stepped and not last and trainer.strategy.reduce_boolean_decision(self.received, all=False):
             trainer.save_checkpoint(self.path)
+            raise Preempted(f"stopped by SIGTERM at step {trainer.global_step}; checkpoint saved: {self.path} "
+                            "(run the stage again to resume)")
 
 
 class GlobalBatchNorm(LayerSync):
@@ -395,7 +414,8 @@ def fit(trainer: pl.Trainer, module: Classifier, dm: ShardDataModule, cfg: Train
 
     With CHECKPOINTS (the Trainer's folder) and `cfg.resume`, continue from `last.ckpt` there, and its MLflow run,
     when it was made with the same params and data. With early stopping, MODULE ends with the weights (and EMA) of
-    the epoch with the best val top-1 on rank 0. SIGTERM raises `Preempted` once the checkpoint is saved."""
+    the epoch with the best val top-1 on rank 0. SIGTERM raises `Preempted` once the checkpoint is saved
+    (`SaveOnSigterm`)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     fp = fingerprint(params, dm.manifest)
     folder = Path(checkpoints) if checkpoints else None
@@ -409,12 +429,11 @@ def fit(trainer: pl.Trainer, module: Classifier, dm: ShardDataModule, cfg: Train
     try:  # MLFlowLogger creates its run through the client, which starts no system metrics monitor by itself
         with tracking.system_metrics(trainer.logger.run_id if trainer.is_global_zero else None, resume=bool(run_id)):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except Preempted:
+        raise
     except EffnetError as e:  # NaN loss: the checkpoint folder stays, holding the last checkpoint saved before it
         kept = folder / LAST if folder else None
         raise EffnetError(f"{e}; last good checkpoint kept: {kept}" if kept and kept.is_file() else str(e)) from None
-    except SIGTERMException:
-        saved = f"checkpoint saved: {folder / LAST} (run the stage again to resume)" if folder else "no checkpoint"
-        raise Preempted(f"stopped by SIGTERM at step {trainer.global_step}; {saved}") from None
     best = folder / BEST if folder else None
     if trainer.is_global_zero and best and best.is_file():
         module.load_state_dict(torch.load(best, map_location=module.device, weights_only=True)["state_dict"])
