@@ -31,7 +31,7 @@ PRE = Preprocessing(img_size=224, crop_pct=0.875, interpolation="bicubic", mean=
 
 def rate(loader, n: int) -> float:
     seen, t = 0, None
-    for i, (x, _) in enumerate(loader):
+    for i, (x, *_) in enumerate(loader):
         if i == 1:  # the first batch pays for start-up
             seen, t = 0, time.perf_counter()
         seen += len(x)

@@ -12,6 +12,11 @@ DVC sees the change and re-runs what depends on it, and `git diff params.yaml` s
 
 Every stage's MLflow run is tagged `effnet.pipeline_run=<flow run id>` ($EFFNET_PIPELINE_RUN): one flow run
 reads as one unit in the MLflow UI.
+
+Multi-node training: with `launcher` (a command prefix such as `srun --nodes 4 --ntasks-per-node 8` or
+`torchrun --no-python --nnodes 2 ...`), each train task still runs `dvc repro train@<variant>` here, and the stage's
+`effnet train` hands itself to the launcher ($EFFNET_LAUNCHER) and waits for it; DVC then records the bundle the
+job wrote (on storage this machine shares with the nodes) as it records any other.
 """
 from __future__ import annotations
 
@@ -32,9 +37,12 @@ SHARED_STAGES = ["demo-data", "shard"]
 VARIANT_STAGES = ["train", "fixres", "evaluate", "register"]
 
 
-def stage_env() -> dict[str, str]:
+LAUNCHER_ENV = "EFFNET_LAUNCHER"  # read by `effnet train` (effnet.cli)
+
+
+def stage_env(launcher: str | None = None) -> dict[str, str]:
     """The stages' `effnet` command lives beside this interpreter; DVC and MLflow stay offline; stages tag their
-    MLflow runs with this flow run."""
+    MLflow runs with this flow run; with LAUNCHER, `effnet train` runs through it."""
     from prefect.runtime import flow_run
 
     environ = os.environ.copy()  # with env.configure()'s offline defaults
@@ -42,14 +50,16 @@ def stage_env() -> dict[str, str]:
     if flow_run.id:
         environ["EFFNET_PIPELINE_RUN"] = str(flow_run.id)
         environ["EFFNET_PIPELINE_RUN_NAME"] = str(flow_run.name)
+    if launcher:
+        environ[LAUNCHER_ENV] = launcher
     return environ
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="dvc repro {target}")
-def repro(target: str, workspace: str) -> None:
+def repro(target: str, workspace: str, launcher: str | None = None) -> None:
     log = get_run_logger()
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", target], cwd=workspace,
-                            env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=stage_env(launcher), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.strip():
             log.info(line.rstrip())
@@ -91,11 +101,13 @@ def workspace_limit(workspace: str) -> str:
 
 
 @flow(name="effnet-pipeline")
-def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides: list[str] | None = None) -> dict:
+def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides: list[str] | None = None,
+             launcher: str | None = None) -> dict:
     """Shard the data, then train, FixRes-tune, evaluate and register each variant; returns the metrics.
 
     variants: keys of `variants:` in params.yaml (default: all). overrides: `section.key=value` written into
-    params.yaml first (e.g. `train.epochs=3`)."""
+    params.yaml first (e.g. `train.epochs=3`). launcher: a command prefix the train stage runs through, on many
+    nodes (`srun ...`; set train.num_nodes and train.devices to match), waited for."""
     env.configure()
     log = get_run_logger()
     params_file = Path(workspace) / "params.yaml"
@@ -111,7 +123,7 @@ def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides:
             repro(stage, workspace)
         for key in keys:
             for stage in VARIANT_STAGES:
-                repro(f"{stage}@{key}", workspace)
+                repro(f"{stage}@{key}", workspace, launcher if stage == "train" else None)
     return {key: json.loads((Path(workspace) / "metrics" / f"{key}.json").read_text()) for key in keys}
 
 

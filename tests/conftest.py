@@ -154,3 +154,37 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL to PROC and every process under it, whatever process group they are in (torchrun starts its workers
+    in sessions of their own): what losing a node does to a job."""
+    import psutil
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def torchrun(*args: str) -> list[str]:
+    """`torchrun ARGS -m effnet`, as a cluster launches the stage on each node."""
+    return [str(Path(sys.executable).parent / "torchrun"), *args, "-m", "effnet"]
+
+
+def train_args(shards, params, *sets: str, out: str = "trained") -> list[str]:
+    """`train SHARDS OUT --params PARAMS --variant tiny --set ...`: the arguments of `effnet train` in the tests."""
+    return ["train", str(shards), out, "--params", str(params), "--variant", "tiny",
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def result_json(stdout: str) -> dict:
+    """The stage result the CLI prints last (indented JSON) from a process's stdout."""
+    import json
+    return json.loads(stdout[stdout.rfind("\n{") + 1:])

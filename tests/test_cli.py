@@ -41,3 +41,23 @@ def test_repo_params_yaml_is_valid():
     from effnet import config
     params = config.load(REPO / "params.yaml")
     assert params.variants and all(params.variant(k) for k in params.variants)
+
+
+def test_train_hands_itself_to_the_launcher_and_waits(tmp_path, monkeypatch):
+    """$EFFNET_LAUNCHER (here a script that records how it was called): `effnet train` checks its params, runs
+    `python -m effnet train ...` through it, without the variable (its processes do not launch again), and
+    returns its exit status."""
+    from effnet import cli
+    params = write_tiny_params(tmp_path / "params.yaml")
+    script = tmp_path / "launch.sh"
+    script.write_text('#!/bin/sh\necho "$@" > called.txt\necho "${EFFNET_LAUNCHER:-unset}" >> called.txt\nexit 7\n')
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EFFNET_LAUNCHER", f"{script} --nodes 2")
+    argv = ["train", "shards", "out", "--params", str(params), "--variant", "tiny", "--set", "train.epochs=2"]
+    assert cli.main(argv) == 7
+    args, launcher_env = (tmp_path / "called.txt").read_text().splitlines()
+    assert args == " ".join(["--nodes", "2", sys.executable, "-m", "effnet", *argv]) and launcher_env == "unset"
+    (tmp_path / "called.txt").unlink()
+    assert cli.main([*argv, "--set", "train.epochs=0"]) == 2  # bad params: nothing launched
+    assert not (tmp_path / "called.txt").exists()

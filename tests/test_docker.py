@@ -1,10 +1,12 @@
-"""Static checks of the container setup: no Docker engine needed, fully offline, fast.
+"""Static checks of the container setup: no Docker engine or cluster needed, fully offline, fast.
 
-hadolint lints docker/Dockerfile and check-jsonschema validates docker/compose.yaml against the Compose spec;
-both come with the `test` extra and sit next to the interpreter running the tests.
+hadolint lints docker/Dockerfile; check-jsonschema validates docker/compose.yaml against the Compose spec and
+docker/pytorchjob.yaml (multi-node training on Kubernetes) against docker/pytorchjob.schema.json; both tools come
+with the `test` extra and sit next to the interpreter running the tests.
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -16,6 +18,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
+PYTORCHJOB = ROOT / "docker" / "pytorchjob.yaml"
+PYTORCHJOB_SCHEMA = ROOT / "docker" / "pytorchjob.schema.json"
 BIN = Path(sys.executable).parent
 
 SUBSTITUTION = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*(?:(?::?[-?+])[^}]*)?\}$")
@@ -112,3 +116,58 @@ def test_dockerfile_runs_as_non_root_with_effnet_entrypoint():
     assert any("CUDA_IMAGE" in f for f in froms)
     assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:1[23]\.\d+\.\d+-runtime-ubuntu\d", DOCKERFILE.read_text())
     assert "--no-deps -r requirements.lock" in DOCKERFILE.read_text()
+
+
+@pytest.fixture(scope="module")
+def job() -> dict:
+    return yaml.safe_load(PYTORCHJOB.read_text())
+
+
+def test_pytorchjob_matches_its_schema():
+    proc = run(tool("check-jsonschema"), "--schemafile", PYTORCHJOB_SCHEMA, PYTORCHJOB)
+    assert proc.returncode == 0, f"check-jsonschema failed:\n{proc.stdout}{proc.stderr}"
+
+
+@pytest.mark.parametrize("path, value", [
+    (("spec", "pytorchReplicaSpecs", "Worker", "replica"), 1),  # a typo of replicas
+    (("spec", "pytorchReplicaSpecs", "Master", "restartPolicy"), "Sometimes"),
+    (("spec", "nprocPerNode"), 8),  # a string in the operator's API
+    (("spec", "pytorchReplicaSpecs", "Master", "template", "spec", "containers", 0, "resources", "limits",
+      "nvidia.com/gpu"), "eight"),
+])
+def test_the_pytorchjob_schema_rejects_what_the_operator_would(job, path, value):
+    import copy
+
+    import jsonschema
+    bad = copy.deepcopy(job)
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    schema = json.loads(PYTORCHJOB_SCHEMA.read_text())
+    assert not list(jsonschema.Draft7Validator(schema).iter_errors(job))
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(bad))
+
+
+def test_pytorchjob_runs_effnet_train_under_torchrun_in_the_shape_its_params_say(job):
+    """Every pod runs `torchrun -m effnet train ...` (torchrun takes the node count, rank and rendezvous from the
+    operator's PET_* variables) with train.num_nodes = pods, train.devices = nprocPerNode = GPUs per pod, the
+    shared workspace and a shared-memory /dev/shm; the params it sets are valid ones."""
+    from effnet import cli, config
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    pods = sum(r.get("replicas", 1) for r in replicas.values())
+    for spec in replicas.values():
+        pod = spec["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["command"] == ["torchrun", "-m", "effnet"] and container["name"] == "pytorch"
+        args = cli.parser().parse_args(container["args"])
+        assert args.command == "train"
+        sets = dict(o.split("=", 1) for o in args.overrides)
+        assert int(sets["train.num_nodes"]) == pods
+        assert int(sets["train.devices"]) == int(job["spec"]["nprocPerNode"]) == container["resources"]["limits"][
+            "nvidia.com/gpu"]
+        config.load(ROOT / "params.yaml", args.overrides)  # known keys, valid values
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "persistentVolumeClaim" in volumes[mounts[container["workingDir"]]]
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"

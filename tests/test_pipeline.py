@@ -65,3 +65,27 @@ def test_flow_rejects_an_unknown_variant_before_any_work(tmp_path):
     with prefect_test_harness(server_startup_timeout=120), pytest.raises(EffnetError, match="variants.nope"):
         pipeline(workspace=str(repo), variants=["nope"])
     assert not (repo / "data").exists()
+
+
+@pytest.mark.slow
+def test_the_flow_hands_a_multi_process_train_to_a_launcher_and_waits(pipeline, tmp_path):
+    """The flow with `launcher`: its train task's `dvc repro` runs `effnet train` through a local two-process
+    launcher (torchrun, as srun would run it on two nodes), waits, and DVC records what rank 0 wrote; the rest of
+    the pipeline follows and the workspace ends clean."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline as flow
+    from tests.conftest import torchrun
+
+    repo = pipeline.copy(tmp_path / "repo")
+    launcher = " ".join(torchrun("--no-python", "--standalone", "--nproc-per-node", "2")[:-2])  # without -m effnet
+    overrides = ["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
+    with prefect_test_harness():
+        metrics = flow(workspace=str(repo), overrides=overrides, launcher=launcher)
+    assert set(metrics["tiny"]) == {"trained", "fixres"}
+    assert_clean(repo)
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("effnet").experiment_id],
+                              "tags.mlflow.runName = 'train@tiny'", order_by=["attributes.start_time DESC"])
+    assert len(runs) == 2 and runs[0].data.params["world_size"] == "2"  # the launcher's run, after the session's
+    assert runs[0].data.tags["effnet.pipeline_run"] != runs[1].data.tags["effnet.pipeline_run"]

@@ -1,6 +1,7 @@
 """Streaming under DDP: 2 CPU processes (torch.multiprocessing + gloo), as Lightning's ddp_spawn runs them."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -24,7 +25,7 @@ def _rank(rank: int, shards: str, tmp: str) -> None:
         keys = [k for _, _, ks in stream.eval_loader(shards, transforms.eval_transform(PRE), 5, 0) for k in ks]
         train = stream.train_loader(shards, transforms.train_transform(PRE, transforms.RAND_AUGMENT), 4, 0, 8,
                                     world_size=2)
-        batches = [len(y) for _, y in train]
+        batches = [len(y) for _, y, _ in train]
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump({"keys": keys, "batches": batches}, f)
     finally:
@@ -49,7 +50,7 @@ def test_ddp_ranks_see_each_val_sample_once_and_equal_train_batches(demo_dir, tm
 def test_rand_augment_and_draft_decode(shards_dir):
     tf = transforms.train_transform(PRE, transforms.RAND_AUGMENT)
     assert "RandAugment" in repr(tf)
-    x, y = next(iter(stream.train_loader(shards_dir, tf, 4, 0, 8, draft=16)))
+    x, y, _ = next(iter(stream.train_loader(shards_dir, tf, 4, 0, 8, draft=16)))
     assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
 
 
@@ -99,7 +100,7 @@ def _first_batches(shards, seed: int, workers: int, n: int = 3):
     loader = stream.train_loader(shards, transforms.train_transform(PRE, "original", uint8=True), 4, workers, 8,
                                  seed=seed)
     batches = []
-    for x, y in loader:
+    for x, y, _ in loader:
         batches.append((x, y))
         if len(batches) == n:
             return batches
@@ -112,3 +113,44 @@ def test_the_train_stream_is_a_function_of_its_seed(shards_dir):
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
     assert not all(torch.equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
     assert a[0][0].dtype == torch.uint8 and a[0][0].shape == (4, 3, 32, 32)
+
+
+def _epochs(loader, n: int) -> list[tuple]:
+    """N epochs of LOADER's batches, each with the stream state after training on it (a copy)."""
+    out = []
+    for _ in range(n):
+        for x, y, advance in loader:
+            loader.state.advance(advance)
+            out.append((x, y, copy.deepcopy(loader.state)))
+    return out
+
+
+def test_a_resumed_stream_yields_what_the_uninterrupted_one_yields_next(shards_dir):
+    """Resumed from its state after any batch (mid-epoch with the next batch due from the first or the second
+    worker, or at the epoch's end), the stream continues batch for batch, augmentations included (2 loader
+    workers: their RNGs come back from the state), into the next epoch."""
+    tf = transforms.train_transform(PRE, "original", uint8=True)
+    torch.manual_seed(0)
+    whole = _epochs(stream.train_loader(shards_dir, tf, 16, 2, 8, seed=1), 2)  # 6 batches an epoch
+    for k in (2, 3, 5):
+        torch.manual_seed(1)  # another base seed for the new workers: what they draw must come from the state
+        resumed = stream.train_loader(shards_dir, tf, 16, 2, 8, seed=1, resume=whole[k][2])
+        rest = _epochs(resumed, 1 if k == 5 else 2)[:len(whole) - k - 1]
+        assert len(rest) == len(whole) - k - 1
+        assert all(torch.equal(x, wx) and torch.equal(y, wy) for (x, y, _), (wx, wy, _) in zip(rest, whole[k + 1:]))
+
+
+def test_a_resumed_stream_does_not_decode_the_samples_it_skips(shards_dir):
+    decoded = []
+    tf = transforms.train_transform(PRE, None, uint8=True)
+
+    def counting(img):
+        decoded.append(1)
+        return tf(img)
+
+    whole = _epochs(stream.train_loader(shards_dir, counting, 16, 0, 8), 1)
+    decoded.clear()
+    resumed = stream.train_loader(shards_dir, counting, 16, 0, 8, resume=whole[3][2])
+    rest = _epochs(resumed, 1)
+    assert [y.tolist() for _, y, _ in rest] == [y.tolist() for _, y, _ in whole[4:]]
+    assert len(rest) * 16 <= len(decoded) <= len(rest) * 16 + 1  # (the batcher may read one sample ahead)

@@ -1,11 +1,17 @@
 """`effnet <stage>`: parse arguments, load params.yaml (plus --set overrides), call the stage function.
 
 Errors a user can fix (bad params, missing paths) print as one line, `effnet: error: ...`, with exit status 2.
+
+With $EFFNET_LAUNCHER set (a command prefix: `srun ...`, `torchrun --no-python ...`, a script that submits a job),
+`effnet train` checks its params, then hands itself to that launcher, which runs it on every node, and waits for
+it: how a scheduler that runs the stage on one machine (DVC, the Prefect flow) trains on many.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,14 +146,30 @@ def dispatch(args: argparse.Namespace) -> object:
     raise AssertionError(args.command)
 
 
+LAUNCHER_ENV = "EFFNET_LAUNCHER"
+
+
+def launch(launcher: str, args: argparse.Namespace, argv: list[str]) -> int:
+    """Run `python -m effnet ARGV` through LAUNCHER (its processes do not launch again) once the params are known to
+    be good; its exit status is this command's."""
+    from effnet import config
+    config.load(args.params, args.overrides).variant(args.variant)  # bad params: fail here, not on N nodes
+    environ = {k: v for k, v in os.environ.items() if k != LAUNCHER_ENV}
+    return subprocess.call([*shlex.split(launcher), sys.executable, "-m", "effnet", *argv], env=environ)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     env.configure()
+    launcher = os.environ.get(LAUNCHER_ENV)
     try:
+        if launcher and args.command == "train":
+            return launch(launcher, args, argv)
         result = dispatch(args)
     except EffnetError as e:
         print(f"effnet: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except BrokenPipeError:  # `effnet predict ... | head`: the reader has gone, as with any Unix tool
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

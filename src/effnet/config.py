@@ -5,6 +5,7 @@ returns `Params`; any unknown key, wrong type or unknown variant raises EffnetEr
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -77,6 +78,8 @@ class TrainConfig(Section):
     img_size: int | None = Field(default=None, ge=16)  # None: the variant's own
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=64, ge=1)  # per device
+    # Lightning's gradient accumulation: global batch = batch_size x world size x this (the LR scaling rule's batch)
+    accumulate_grad_batches: int = Field(default=1, ge=1)
     lr: float | None = Field(default=None, gt=0)  # None: the card's LR scaled linearly to the global batch
     warmup_epochs: float = Field(default=1.0, ge=0)
     decay_epochs: float = Field(default=2.4, gt=0)  # LR *= decay_rate every decay_epochs (the card's schedule)
@@ -84,6 +87,16 @@ class TrainConfig(Section):
     opt: str = "rmsproptf"
     weight_decay: float | None = Field(default=None, ge=0)  # None: the card's
     label_smoothing: float | None = Field(default=None, ge=0, lt=1)
+    # timm's regularisers, off by default (the card uses none): Mixup/CutMix alphas (0: off), how often a batch is
+    # mixed, how often CutMix is taken instead of Mixup when both are on, and per batch / pair / image
+    mixup: float = Field(default=0.0, ge=0)
+    cutmix: float = Field(default=0.0, ge=0)
+    mixup_prob: float = Field(default=1.0, ge=0, le=1)
+    mixup_switch_prob: float = Field(default=0.5, ge=0, le=1)
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    random_erase: float = Field(default=0.0, ge=0, le=1)  # probability per image (timm's reprob); 0: off
+    random_erase_mode: Literal["const", "rand", "pixel"] = "pixel"
+    random_erase_count: int = Field(default=1, ge=1)  # at most this many boxes per image
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (Inception/TF default)
     # timm policy string: 'original' (the card's), 'rand-m9-mstd0.5', 'augmix-...' (CPU path only), None
     auto_augment: str | None = Field(default="original",
@@ -97,6 +110,7 @@ class TrainConfig(Section):
     devices: int | str = 1
     num_nodes: int = Field(default=1, ge=1)
     strategy: str = "auto"
+    sync_bn: bool = False  # BatchNorm statistics over the global batch under DDP (the TPU recipe's cross-replica BN)
     precision: str | None = None  # None: bf16-mixed on GPU, 32 on CPU
     channels_last: bool | Literal["auto"] = "auto"  # model and batches in NHWC; auto: on CUDA only
     compile: bool | Literal["auto"] = "auto"  # torch.compile the trained model's forward; auto: on CUDA only
@@ -107,6 +121,15 @@ class TrainConfig(Section):
     checkpoint_every_n_steps: int | None = Field(default=1000, ge=1)  # plus one at each epoch end; None: epochs only
     checkpoint_dir: str = ".effnet/checkpoints"  # outside the DVC out (DVC deletes outs before a stage runs)
     resume: bool = True  # continue from the variant's last checkpoint (and its MLflow run) if one is there
+    max_time: str | None = Field(default=None, pattern=r"^\d{2}:\d{2}:\d{2}:\d{2}$")  # DD:HH:MM:SS; None: no limit
+    early_stop_patience: int | None = Field(default=None, ge=1)  # epochs without a better val top-1; None: off
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TrainConfig:
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise ValueError(f"batch_size: {self.batch_size} is odd, and Mixup/CutMix pair each image with another "
+                             "of the batch")
+        return self
 
 
 class FixResConfig(Section):
@@ -191,12 +214,15 @@ def _override(raw: dict, assignment: str) -> None:
 
 
 def _one_line(err: ValidationError, source: str, section: str | None = None) -> str:
+    """The first error, naming its key; a section's own check names the key it is about as `key: message`."""
     first = err.errors()[0]
     # union members add their type to the location (fixres.img_size.constrained-int): keep the field names only
     loc = ([section] if section else []) + [p for p in first["loc"] if not any(c in str(p) for c in "-[(")]
     key = ".".join(str(p) for p in loc)
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error" and (named := re.match(r"^(\w+): ", msg)):
+        key, msg = f"{key}.{named[1]}", msg[named.end():]
     return f"{source}: {key}: {msg}{more}"
 
 

@@ -20,10 +20,10 @@ NOISE = [
     # The EMA copy is in eval mode on purpose (it is only ever run for validation); so are FixRes's frozen layers.
     r"Found \d+ module\(s\) in eval mode",
     r"Checkpoint directory .* exists and is not empty",  # our run.json lives beside last.ckpt
-    # webdataset: with_length() is only the epoch length Lightning plans with; with_epoch() sets the real one.
-    r"\.with_length\(\) only sets",
     # torchvision 0.29 deprecates its decoders for TorchCodec; decode_jpeg is still the batched nvjpeg decoder.
     r"The image decoding and encoding capabilities of TorchVision",
+    # Lightning looks for state on the loader itself; the training stream resumes through ShardDataModule's.
+    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
 ]
 
 

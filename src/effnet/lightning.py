@@ -1,29 +1,44 @@
-"""The training library: the LightningModule (`Classifier`), its callbacks, checkpoint/resume, and `fit`, which
-runs a Lightning Trainer with MLflow logging. The train and fixres stages both train through it."""
+"""The training library: the LightningModule (`Classifier`), its callbacks, checkpoint/resume, the Trainer
+(`make_trainer`: its devices resolved before anything else is built, so the global batch is known) and `fit`, which
+runs it with MLflow logging on rank 0. The train and fixres stages both train through it.
+
+Under DDP, however launched (Lightning's own launcher, torchrun, srun: every rank runs the same command), only rank
+0 touches MLflow, the checkpoint folder's run file and the stage's outputs; the other ranks only read the checkpoint
+folder, and only before the ranks first meet."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.loggers.logger import DummyLogger
+from pytorch_lightning.plugins.layer_sync import LayerSync
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from timm.layers import BatchNormAct2d
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from effnet import io, tracking
+from effnet import io, models, tracking
 from effnet.config import TrainConfig
+from effnet.data import stream
 from effnet.data.feed import cuda_usable
+from effnet.data.regularise import Regularise
 from effnet.data.stream import ShardDataModule
-from effnet.errors import EffnetError
+from effnet.errors import EffnetError, Preempted
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +46,17 @@ log = logging.getLogger(__name__)
 class Classifier(pl.LightningModule):
     """Cross-entropy training of `model`. With `trainable` set, only those submodules learn and run in train
     mode (BatchNorm statistics update); the rest stays frozen in eval mode. With `ema_decay`, an exponential
-    moving average of the weights (timm's ModelEmaV3, decay warmed up from 0) follows every optimizer step and is
-    the model validated (`eval_model`); it is a submodule, so checkpoints carry it. With `channels_last`, the
-    model (and so its EMA copy) is converted to NHWC; with `compile`, its forward is torch.compile'd in place
-    (state_dict keys unchanged), after the EMA has copied it. `speedups` gives both from the train config."""
+    moving average of the weights (timm's ModelEmaV3, decay warmed up from 0) follows every optimizer step (not
+    every batch, under gradient accumulation) and is the model validated (`eval_model`); it is a submodule, so
+    checkpoints carry it. With `regularise` (random erasing, Mixup/CutMix), training batches go through it first;
+    mixed soft targets are trained against with timm's SoftTargetCrossEntropy (the smoothing is in the targets).
+    With `channels_last`, the model (and so its EMA copy) is converted to NHWC; with `compile`, its forward is
+    torch.compile'd in place (state_dict keys unchanged), after the EMA has copied it. `speedups` gives both from
+    the train config."""
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: dict, schedule: dict | None,
                  label_smoothing: float, trainable: list[str] | None = None, ema_decay: float | None = None,
-                 compile: bool = False, channels_last: bool = False):
+                 compile: bool = False, channels_last: bool = False, regularise: Regularise | None = None):
         super().__init__()
         if channels_last:
             model.to(memory_format=torch.channels_last)  # in place
@@ -49,9 +67,12 @@ class Classifier(pl.LightningModule):
             self.ema.requires_grad_(False)  # updated by lerp, never by the optimizer (nor DDP's gradient sync)
         if compile:  # static shapes: a new resolution retraces timm's 'same' padding symbolically (minutes)
             model.compile(dynamic=False)
+        self.regularise = regularise
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_loss = SoftTargetCrossEntropy() if regularise is not None and regularise.mixes else self.loss
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
+        self.val_images = SumMetric()  # across ranks: each val image is counted once
         if trainable is not None:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -72,8 +93,9 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch, _):
         x, y = batch
-        logits = self.model(x)
-        loss = self.loss(logits, y)
+        inputs, targets = (x, y) if self.regularise is None else self.regularise(x, y)
+        logits = self.model(inputs)
+        loss = self.train_loss(logits, targets)
         # Reading the loss on the host would stall the GPU every step: a non-finite loss is remembered on the
         # device and checked when metrics are logged anyway, and before any checkpoint is written.
         bad = ~torch.isfinite(loss.detach())
@@ -95,16 +117,22 @@ class Classifier(pl.LightningModule):
     def on_train_end(self) -> None:
         self.check_finite()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:  # global_step has just counted this optimizer step: it drives the warm-up
-            self.ema.update(self.model, step=self.global_step)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer's step, then the EMA's: once per optimizer step (batches that only accumulate gradients
+        do not step), before any callback sees the batch end, so a checkpoint saved there holds both. Lightning
+        counts the step in global_step right after this returns; that count drives the EMA's warm-up."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step + 1)
 
     def validation_step(self, batch, _):
         x, y, _keys = batch
         logits = self.eval_model(x)
         self.val_top1(logits, y)
+        self.val_images.update(len(y))
         self.log("val/loss", self.loss(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
         self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("val/images", self.val_images, on_epoch=True, batch_size=len(y))
 
     def configure_optimizers(self):
         # timm's factory: filters BatchNorm and bias out of weight decay, skips frozen parameters.
@@ -170,7 +198,9 @@ def speedups(cfg: TrainConfig) -> dict[str, bool]:
 
 
 LAST = "last.ckpt"
+BEST = "best.ckpt"  # with early stopping: the checkpoint of the epoch with the best val top-1
 RUN_FILE = "run.json"  # beside the checkpoint: the MLflow run it belongs to and the params it was made with
+MONITOR = "val/top1"
 
 
 def fingerprint(params: dict, manifest: dict) -> str:
@@ -178,74 +208,234 @@ def fingerprint(params: dict, manifest: dict) -> str:
     return io.sha256_json({"params": params, "manifest": manifest})
 
 
-@rank_zero_only
-def prepare_checkpoints(folder: Path, fp: str, resume: bool) -> str | None:
-    """The MLflow run_id to continue when FOLDER holds a resumable checkpoint made with the same fingerprint;
-    otherwise empty FOLDER (a stale or unwanted checkpoint) and return None."""
+def resume_point(folder: Path, fp: str, resume: bool) -> tuple[str | None, str | None]:
+    """(MLflow run id, checkpoint) to continue when FOLDER holds a resumable checkpoint made with fingerprint FP,
+    else (None, None). It only reads: every rank asks before the ranks meet; rank 0 empties a stale folder after
+    they have (`RunFile`), so that no rank reads what another is removing."""
     meta = folder / RUN_FILE
     if resume and (folder / LAST).is_file() and meta.is_file():
         saved = json.loads(meta.read_text())
         if saved.get("fingerprint") == fp:
-            return saved["run_id"]
-        log.warning("%s: made with other params or data: starting afresh", folder / LAST)
-    shutil.rmtree(folder, ignore_errors=True)
-    return None
+            return saved["run_id"], str(folder / LAST)
+        rank_zero_warn(f"{folder / LAST}: made with other params or data: starting afresh")
+    return None, None
 
 
-@rank_zero_only
-def write_run_file(folder: Path, run_id: str, fp: str) -> None:
-    io.write_atomic(folder / RUN_FILE, json.dumps({"run_id": run_id, "fingerprint": fp}))
+class RunFile(pl.Callback):
+    """Once every rank has decided whether it resumes (`resume_point`): checks they agree (they read the same folder
+    only when it is on storage all nodes share); then rank 0 empties the folder when starting afresh (a stale or
+    unwanted checkpoint) and writes the run file: the MLflow run and the fingerprint that a resume must match."""
+
+    def __init__(self, folder: Path, fp: str, resuming: bool):
+        self.folder, self.fp, self.resuming = folder, fp, resuming
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        every = trainer.strategy.reduce_boolean_decision(self.resuming, all=True)
+        some = trainer.strategy.reduce_boolean_decision(self.resuming, all=False)
+        if some and not every:
+            raise EffnetError(f"{self.folder / LAST}: seen by some ranks only: train.checkpoint_dir must be on storage "
+                              "every node shares to resume")
+        if trainer.is_global_zero:
+            if not self.resuming:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            io.write_atomic(self.folder / RUN_FILE, json.dumps({"run_id": trainer.logger.run_id,
+                                                                 "fingerprint": self.fp}))
 
 
-def checkpoint_callbacks(folder: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
-    """One `last.ckpt`, rewritten at each epoch end and every N optimizer steps. Lightning writes a local
-    checkpoint inside an fsspec transaction (a temp file renamed into place on commit), so a kill -9 leaves the
-    previous checkpoint or the new one, never a torn file."""
-    kw = dict(dirpath=folder, filename=LAST.removesuffix(".ckpt"), save_top_k=1, enable_version_counter=False)
-    callbacks = [ModelCheckpoint(every_n_epochs=1, **kw)]  # at validation end: the epoch's val metrics included
+class StepCheckpoint(ModelCheckpoint):
+    """Every N optimizer steps, but not at an epoch's last batch: the epoch-end checkpoint follows once validation
+    has run, and validating draws from the process RNG (its loader's seed), which a resume from before it could
+    not replay in order."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def checkpoint_callbacks(folder: Path, every_n_steps: int | None, best: bool = False) -> list[ModelCheckpoint]:
+    """One `last.ckpt`, rewritten at each epoch end and every N optimizer steps; with BEST, also `best.ckpt`, the
+    epoch with the best val top-1. Lightning writes a local checkpoint inside an fsspec transaction (a temp file
+    renamed into place on commit), so a kill -9 leaves the previous checkpoint or the new one, never a torn file."""
+    kw = dict(dirpath=folder, save_top_k=1, enable_version_counter=False)
+    callbacks = [ModelCheckpoint(filename=LAST.removesuffix(".ckpt"), every_n_epochs=1, **kw)]  # at validation end
     if every_n_steps:
-        callbacks.append(ModelCheckpoint(every_n_train_steps=every_n_steps, every_n_epochs=0, **kw))
+        callbacks.append(StepCheckpoint(filename=LAST.removesuffix(".ckpt"), every_n_train_steps=every_n_steps,
+                                        every_n_epochs=0, **kw))
+    if best:
+        callbacks.append(ModelCheckpoint(filename=BEST.removesuffix(".ckpt"), monitor=MONITOR, mode="max", **kw))
     return callbacks
 
 
-def fit(module: Classifier, dm: ShardDataModule, cfg: TrainConfig, epochs: int, experiment: str, run_name: str,
-        params: dict, checkpoints: Path | None = None) -> str | None:
-    """Run a Lightning Trainer with MLflow logging (PARAMS logged as the run's params); returns the MLflow run id
-    (None on DDP ranks other than 0, which log nothing).
+def process_rng() -> dict:
+    """The training process's RNG states (python, numpy, torch CPU and CUDA), as plain values."""
+    state = stream.rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
 
-    With CHECKPOINTS (a folder), save `last.ckpt` there as `checkpoint_callbacks` says and, with `cfg.resume`,
-    continue from it and its MLflow run when it was made with the same params and data."""
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    fp = fingerprint(params, dm.manifest)
-    run_id = prepare_checkpoints(Path(checkpoints), fp, cfg.resume) if checkpoints else None
-    stage, _, variant_key = run_name.partition("@")
-    experiment_id = tracking.experiment(experiment)  # created with the workspace artifact location, not Lightning's
-    parent = experiment_id if rank_zero_only.rank == 0 else None  # only rank 0 may create the pipeline's parent run
-    logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=tracking.tracking_uri(),
-                          artifact_location=None, run_id=run_id,
-                          tags={"stage": stage, **tracking.run_tags(variant_key, params, stage, experiment_id=parent)})
-    logger.log_hyperparams(params)  # on resume: the same values again, which MLflow accepts
+
+def set_process_rng(state: dict) -> None:
+    stream.set_rng_state(state)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+class ProcessRng(pl.Callback):
+    """Every checkpoint records each rank's RNG states (dropout, stochastic depth and the regularisers draw from
+    them); a resumed run sets them just before its first training step, after anything that starts the loaders has
+    drawn, so it goes on drawing what the interrupted run would have. Together with the stream's own state
+    (`ShardDataModule`) and the module's (weights, EMA, optimizer, schedule) this makes a resume exact."""
+
+    def __init__(self):
+        self.restored: list[dict] | None = None
+
+    def state_dict(self) -> dict:
+        return {"ranks": stream.per_rank(process_rng())}  # a collective: every rank saves the checkpoint's dict
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored = state["ranks"]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.restored is not None:
+            if len(self.restored) == trainer.world_size:
+                set_process_rng(self.restored[trainer.global_rank])
+            self.restored = None
+
+
+class SaveOnSigterm(pl.Callback):
+    """SIGTERM (what SLURM and Kubernetes send before they stop a job, on a cluster often to one node's processes
+    only) ends training after the next optimizer step (not an epoch's last: its validation and epoch-end checkpoint
+    come first, as for `StepCheckpoint`): at each step's end the ranks agree whether any of them got it, then save
+    `last.ckpt` together, as a step checkpoint, and raise `Preempted`. It replaces Lightning's
+    handler, which acts on rank 0's signal only and broadcasts from inside the handler, out of step with the
+    other ranks' collectives (two ranks hung until torchrun killed them); Lightning restores the process's
+    handlers when training ends."""
+
+    def __init__(self, path: Path):
+        self.path, self.received, self._steps_before = path, False, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        signal.signal(signal.SIGTERM, self._received)
+
+    def _received(self, signum, frame) -> None:
+        self.received = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._steps_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stepped = trainer.global_step > self._steps_before  # accumulated gradients are not in a checkpoint
+        last = batch_idx + 1 == trainer.num_training_batches
+        if stepped and not last and trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            trainer.save_checkpoint(self.path)
+            raise Preempted(f"stopped by SIGTERM at step {trainer.global_step}; checkpoint saved: {self.path} "
+                            "(run the stage again to resume)")
+
+
+class GlobalBatchNorm(LayerSync):
+    """Lightning's layer-sync plugin (`sync_batchnorm`) with `models.SyncBatchNormAct2d` for timm's BatchNormAct2d
+    layers (torch's converter would turn them into plain SyncBatchNorm, dropping their activation; torch's
+    SyncBatchNorm also refuses CPU modules)."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        layers = sum(type(m) is BatchNormAct2d for m in model.modules())
+        rank_zero_info(f"cross-replica BatchNorm: {layers} layers take their statistics over every rank's batch")
+        return _swap_class(model, BatchNormAct2d, models.SyncBatchNormAct2d)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        return _swap_class(model, models.SyncBatchNormAct2d, BatchNormAct2d)
+
+
+def _swap_class(model: nn.Module, old: type, new: type) -> nn.Module:
+    """Same attributes and state, another forward: in place."""
+    for module in model.modules():
+        if type(module) is old:
+            module.__class__ = new
+    return model
+
+
+def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None, accumulate: int = 1,
+                 sync_bn: bool = False, max_time: str | None = None, patience: int | None = None) -> pl.Trainer:
+    """The Trainer on CFG's accelerator, devices, nodes and strategy, resolved: its world size and rank are known
+    from here on, whatever form `devices` takes. Settings it cannot run with (devices=-1 on a CPU, a world size
+    other than the launcher's) stop here, naming the keys. With CHECKPOINTS (a folder), checkpoints as
+    `checkpoint_callbacks` says and on SIGTERM; ACCUMULATE batches per optimizer step; SYNC_BN: BatchNorm statistics
+    over all ranks; MAX_TIME: Lightning's time budget (DD:HH:MM:SS); PATIENCE: early stopping on val top-1 (epochs
+    without a better one), keeping `best.ckpt`."""
     callbacks = [LearningRateMonitor(logging_interval="step"), EpochSummary()]
     if cfg.progress_bar:
         callbacks.append(ProgressBar())
-    ckpt_path = None
+    if patience:
+        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=patience))
     if checkpoints:
-        write_run_file(Path(checkpoints), logger.run_id, fp)
-        callbacks += checkpoint_callbacks(Path(checkpoints), cfg.checkpoint_every_n_steps)
-        last = Path(checkpoints) / LAST
-        ckpt_path = str(last) if last.is_file() else None  # DDP ranks > 0 see what rank 0 left
-        if ckpt_path:
-            rank_zero_info(f"resuming from {last} (MLflow run {run_id})")
-    trainer = pl.Trainer(
-        max_epochs=epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy, precision=precision_for(cfg), logger=logger, callbacks=callbacks,
-        enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar, log_every_n_steps=cfg.log_every_n_steps,
-        enable_model_summary=False, default_root_dir=".lightning",
-    )
+        callbacks += [ProcessRng(), SaveOnSigterm(Path(checkpoints) / LAST),
+                      *checkpoint_callbacks(Path(checkpoints), cfg.checkpoint_every_n_steps, best=bool(patience))]
+    try:
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy, precision=precision_for(cfg), logger=False, callbacks=callbacks,
+            enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar,
+            log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False, default_root_dir=".lightning",
+            accumulate_grad_batches=accumulate, plugins=[GlobalBatchNorm()] if sync_bn else None,
+            max_time=max_time,
+        )
+    except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
+        raise EffnetError(f"train.accelerator={cfg.accelerator!r}, train.devices={cfg.devices!r}, "
+                          f"train.num_nodes={cfg.num_nodes}, train.strategy={cfg.strategy!r}: "
+                          f"{str(e).strip().splitlines()[0]}") from None
+    launched = int(os.environ.get("WORLD_SIZE", trainer.world_size))
+    if launched != trainer.world_size:  # e.g. torchrun started 2 processes, but the Trainer runs 1 device
+        raise EffnetError(f"train.num_nodes x train.devices = {cfg.num_nodes} x {cfg.devices!r} runs "
+                          f"{trainer.world_size} process(es), but the launcher started WORLD_SIZE={launched}")
+    return trainer
+
+
+def global_batch(trainer: pl.Trainer, batch_size: int) -> int:
+    """Samples per optimizer step: per-device batch x the Trainer's world size x its gradient accumulation."""
+    return batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def mlflow_logger(experiment: str, run_name: str, run_id: str | None, params: dict) -> MLFlowLogger:
+    """Rank 0's logger: the run RUN_NAME (RUN_ID's, to continue one) in EXPERIMENT, created with the workspace's
+    artifact location, tagged and with PARAMS logged."""
+    stage, _, variant_key = run_name.partition("@")
+    experiment_id = tracking.experiment(experiment)  # created with the workspace artifact location, not Lightning's
+    tags = {"stage": stage, **tracking.run_tags(variant_key, params, stage, experiment_id=experiment_id)}
+    logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=tracking.tracking_uri(),
+                          artifact_location=None, run_id=run_id, tags=tags)
+    logger.log_hyperparams(params)  # on resume: the same values again, which MLflow accepts
+    return logger
+
+
+def fit(trainer: pl.Trainer, module: Classifier, dm: ShardDataModule, cfg: TrainConfig, experiment: str,
+        run_name: str, params: dict, checkpoints: Path | None = None) -> str | None:
+    """Run TRAINER (`make_trainer`) on MODULE and DM, logging to MLflow from rank 0 (PARAMS logged as the run's
+    params); returns the MLflow run id (None on other ranks, which never touch MLflow).
+
+    With CHECKPOINTS (the Trainer's folder) and `cfg.resume`, continue from `last.ckpt` there, and its MLflow run,
+    when it was made with the same params and data. With early stopping, MODULE ends with the weights (and EMA) of
+    the epoch with the best val top-1 on rank 0. SIGTERM raises `Preempted` once the checkpoint is saved
+    (`SaveOnSigterm`)."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    fp = fingerprint(params, dm.manifest)
+    folder = Path(checkpoints) if checkpoints else None
+    run_id, ckpt_path = resume_point(folder, fp, cfg.resume) if folder else (None, None)
+    trainer.logger = (mlflow_logger(experiment, run_name, run_id, params) if trainer.is_global_zero
+                      else DummyLogger())  # LearningRateMonitor wants a logger on every rank
+    if folder:
+        trainer.callbacks.append(RunFile(folder, fp, resuming=ckpt_path is not None))
+    if ckpt_path:
+        rank_zero_info(f"resuming from {ckpt_path} (MLflow run {run_id})")
     try:  # MLFlowLogger creates its run through the client, which starts no system metrics monitor by itself
-        with tracking.system_metrics(logger.run_id if trainer.is_global_zero else None, resume=run_id is not None):
+        with tracking.system_metrics(trainer.logger.run_id if trainer.is_global_zero else None, resume=bool(run_id)):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except Preempted:
+        raise
     except EffnetError as e:  # NaN loss: the checkpoint folder stays, holding the last checkpoint saved before it
-        kept = Path(checkpoints) / LAST if checkpoints else None
+        kept = folder / LAST if folder else None
         raise EffnetError(f"{e}; last good checkpoint kept: {kept}" if kept and kept.is_file() else str(e)) from None
-    return logger.run_id if trainer.is_global_zero else None
+    best = folder / BEST if folder else None
+    if trainer.is_global_zero and best and best.is_file():
+        module.load_state_dict(torch.load(best, map_location=module.device, weights_only=True)["state_dict"])
+        rank_zero_info(f"exporting the epoch with the best {MONITOR}: {best}")
+    return trainer.logger.run_id if trainer.is_global_zero else None

@@ -1,10 +1,12 @@
-"""Model factory over timm, and the model bundle that stages hand to each other.
+"""Model factory over timm, the model bundle that stages hand to each other, and the cross-replica BatchNorm layer
+`train.sync_bn` swaps in under DDP.
 
 A bundle is a folder with `model.safetensors` (weights only: nothing is unpickled when it is loaded) and
 `model.json` (the ModelSpec: which variant, the classes, and the `Preprocessing` it expects).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -14,8 +16,11 @@ from typing import Any
 
 import timm
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 from safetensors.torch import load_file, save_file
+from timm.layers import BatchNormAct2d
 from timm.models._efficientnet_builder import _init_weight_goog
 from timm.models.efficientnet import _gen_efficientnet
 from torch import nn
@@ -229,9 +234,24 @@ def load_weights(model: nn.Module, path: str | Path, variant_name: str) -> None:
                           f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
 
 
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict as contiguous CPU tensors: what a bundle holds."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 of the model's weights and buffers, names and bytes in name order: equal hashes, equal bundles'
+    tensors (what a run's ranks, or two runs, can compare without writing a file)."""
+    h = hashlib.sha256()
+    for name, t in sorted(cpu_state(model).items()):
+        h.update(name.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_bundle(model: nn.Module, spec: ModelSpec, out: Path) -> None:
     """Write the bundle whole or not at all (`io.atomic_dir`)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = cpu_state(model)
     with io.atomic_dir(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "model.json").write_text(spec.model_dump_json(indent=2))
@@ -245,3 +265,34 @@ def load_bundle(path: Path) -> tuple[nn.Module, ModelSpec]:
     model = build(spec.resolve(), num_classes=len(spec.classes))
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.eval(), spec
+
+
+class SyncBatchNormAct2d(BatchNormAct2d):
+    """timm's BatchNormAct2d with its training statistics taken over the global batch, every rank's images (the TPU
+    recipe's cross-replica BatchNorm). Each rank's count, mean and sum of squared deviations are all-gathered (a
+    differentiable all_gather, so gradients flow through the statistics to every rank, as SyncBatchNorm's do) and
+    combined (Chan et al.'s parallel variance). Unlike torch's SyncBatchNorm, which refuses CPU modules, it runs
+    on any device and backend (gloo too). Same parameters, buffers and eval forward as the layer it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c, xf = x.shape[1], x.float()
+        mean = xf.mean(dim=(0, 2, 3))
+        local = torch.cat([mean.new_full((1,), xf.numel() / c), mean,
+                           (xf - mean[None, :, None, None]).square().sum(dim=(0, 2, 3))])
+        stats = torch.stack(dist_nn.all_gather(local))  # (ranks, 1 + 2C)
+        counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        var = (m2s + counts * (means - mean).square()).sum(0) / n
+        if self.track_running_stats:
+            with torch.no_grad():  # as F.batch_norm updates them: momentum weighs the new value, variance unbiased
+                self.num_batches_tracked.add_(1)
+                weight = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), weight)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), weight)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return self.act(self.drop(y.to(x.dtype)))

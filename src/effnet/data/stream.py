@@ -1,7 +1,8 @@
 """Streaming the shards into training: webdataset pipelines and a Lightning DataModule.
 
 Training streams resampled shards (every rank and worker draws shards independently and endlessly) cut to a fixed
-epoch length from the manifest, so all DDP ranks run the same number of steps. Evaluation reads each val shard
+epoch length from the manifest (whole optimizer steps of the global batch), so all DDP ranks run the same number of
+steps; the stream is resumable, exactly (`TrainStream`, `StreamState`). Evaluation reads each val shard
 once, split by node and worker, so that every sample is seen exactly once across ranks. Shards may live in a local
 folder, at an fsspec URL (s3://, gs://, memory://...) or behind a `pipe:` command with `{name}` in it.
 
@@ -14,16 +15,20 @@ from __future__ import annotations
 import importlib
 import itertools
 import io
+import logging
+import os
 import queue
 import random
+import signal
 import threading
 from collections.abc import Callable
 from contextlib import nullcontext
-from functools import partial
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import fsspec
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -33,6 +38,7 @@ from PIL import Image
 from effnet.data import manifest
 from effnet.data.gpu import collate_jpeg
 
+log = logging.getLogger(__name__)
 _GOPEN = importlib.import_module("webdataset.gopen")  # the module: `wds.gopen` is its function
 
 
@@ -68,38 +74,232 @@ def decode(sample: dict, draft: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
+PREFETCH = 2  # batches each loader worker works ahead (the DataLoader's prefetch_factor)
+
+
+@dataclass
+class Position:
+    """Where one loader worker's part of a rank's training stream stands: the epoch it draws (each epoch draws a new
+    shard sequence), how many samples it has taken from that epoch's shuffled samples, and, with loader workers,
+    its RNG states after them (they drive its augmentations). Plain values only: it travels through the workers'
+    queues and into checkpoints (loaded with torch's weights_only)."""
+
+    epoch: int = 0
+    samples: int = 0
+    rng: dict | None = None
+
+
+class Advance:
+    """What a training batch tells about the stream: the positions of the workers it brings news of (the worker that
+    made it, after it, and any worker that announced itself before it). Not a dataclass or sequence, so that
+    Lightning's batch transfer leaves it alone."""
+
+    __slots__ = ("news",)
+
+    def __init__(self, news: list[tuple[int, Position]]):
+        self.news = news
+
+
+@dataclass
+class StreamState:
+    """How far a rank's training has consumed its stream: the epoch, the batches of it trained on, and each loader
+    worker's position after the last batch it made that was trained on. A checkpoint records it per rank
+    (`ShardDataModule.state_dict`); `train_loader(resume=...)` continues the stream from it."""
+
+    steps: int  # batches per epoch
+    workers: int  # loader workers (0: the stream runs in the training process)
+    epoch: int = 0
+    batch: int = 0
+    positions: dict[int, Position] = field(default_factory=dict)
+
+    def advance(self, advance: Advance) -> None:
+        """One batch trained on."""
+        for worker, position in advance.news:
+            self.positions[worker] = position
+        self.batch += 1
+        if self.batch == self.steps:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamState:
+        positions = {int(k): Position(**v) for k, v in d["positions"].items()}
+        return cls(**{**d, "positions": positions})
+
+
+def rng_state() -> dict:
+    """This process's python, numpy and torch (CPU) RNG states, as plain values."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """One rank's training stream, split over the DataLoader's workers: worker w makes batches w, w + W, w + 2W...
+    of each epoch (the DataLoader takes them round robin, so they arrive in order) and ends its epoch after them.
+
+    Worker w of rank r reads what webdataset's ResampledShards + buffer shuffle would give worker w of rank r: in
+    epoch e, shards drawn from a generator seeded with (r * 1000 + w, e, seed), their samples shuffled by one seeded
+    with (seed, r * 1000 + w). Each batch carries the worker's `Position` after it, and a worker's first item
+    announces its starting position, so the training side always knows every worker's position as of the batches
+    it has trained on (`StreamState`).
+
+    With `resume`, each worker continues from its recorded position: it draws the same shards, reads and drops
+    (without decoding) the samples it had taken, and sets its RNG states; the epoch continues at the recorded
+    batch. Workers before that batch's worker in the round announce twice, so that the round robin still hands the
+    batches over in order.
+
+    At the end of its epoch a worker augments PREFETCH batches and one sample more and drops them: what the endless
+    loader this stream replaced had done (its DataLoader kept PREFETCH batches per worker in flight, and webdataset's
+    batcher reads one sample ahead), kept so that runs repeat those of earlier versions bit for bit."""
+
+    def __init__(self, urls: list[str], transform, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
+                 steps: int, draft: int | None = None, resume: StreamState | None = None, holdout: float = 0.0):
+        super().__init__()
+        self.urls, self.transform, self.batch_size, self.shuffle_buffer = urls, transform, batch_size, shuffle_buffer
+        self.seed, self.rank, self.steps, self.draft = seed, rank, steps, draft
+        self.resume, self.holdout = resume, holdout
+        self._epoch: int | None = None  # per worker process: the epoch its next iteration makes
+        self._position = Position()
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n = (info.id, info.num_workers) if info else (0, 1)
+        start = 0
+        if self._epoch is None:  # this worker's first epoch: where it starts, announced
+            start = self._begin(worker, info is not None)
+            yield worker, self._position
+            if self.resume and worker < start % n:
+                yield worker, self._position
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        if self._position.epoch > epoch:  # made all its batches of this epoch before the resume
+            return
+        samples = self._samples(worker)
+        own = range(start + (worker - start) % n, self.steps, n)
+        for i, _ in enumerate(own):
+            batch = self._collate(list(itertools.islice(samples, self.batch_size)))
+            if i < len(own) - 1:
+                self._position = Position(epoch, self._position.samples + self.batch_size, self._rng(info))
+            else:
+                for _ in range((PREFETCH if info else 0) * self.batch_size + 1):
+                    next(samples)
+                self._position = Position(epoch + 1, 0, self._rng(info))
+            yield *batch, Advance([(worker, self._position)])
+
+    def _begin(self, worker: int, in_worker: bool) -> int:
+        """Set this worker's first epoch and position (its recorded one on resume); returns the epoch's first batch."""
+        if in_worker:
+            signal.signal(signal.SIGTERM, _exit_quietly)
+        if self.resume is None:
+            self._epoch, self._position = 0, Position(0, 0, self._rng(in_worker))
+            return 0
+        self._epoch, self._position = self.resume.epoch, self.resume.positions[worker]
+        if self._position.rng is not None:
+            set_rng_state(self._position.rng)
+        return self.resume.batch
+
+    @staticmethod
+    def _rng(in_worker) -> dict | None:
+        return rng_state() if in_worker else None  # without workers the training process owns the RNG
+
+    def _samples(self, worker: int):
+        """This worker's (image, label) samples of its position's epoch, from its position on, transformed."""
+        key = self.rank * 1000 + worker  # webdataset's pytorch_worker_seed
+        shards = _resampled(self.urls, wds.utils.make_seed(key, self._position.epoch, self.seed))
+        samples = (s for s in wds.tarfile_to_samples()(shards) if not manifest.in_holdout(s["__key__"], self.holdout))
+        if self.shuffle_buffer >= 1:
+            rng = random.Random(wds.utils.make_seed(self.seed, key))
+            samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
+        pairs = itertools.islice(wds.to_tuple("jpg", "cls")(samples), self._position.samples, None)
+        if self.transform is None:
+            return ((bytes(jpg), int(cls)) for jpg, cls in pairs)
+        return ((self.transform(decode({"jpg": jpg}, self.draft)), int(cls)) for jpg, cls in pairs)
+
+    def _collate(self, samples: list[tuple]):
+        if self.transform is None:
+            return collate_jpeg(samples)
+        return wds.filters.default_collation_fn(samples)
+
+
+def _exit_quietly(signum, frame) -> None:
+    """A loader worker's SIGTERM handler. SLURM signals every process of a job, workers included: a worker killed by
+    the signal makes torch raise in the training process at once, before it has saved its checkpoint; a worker
+    that exits with status 0 does not (the training process handles the signal and needs no more batches)."""
+    os._exit(0)
+
+
+def _resampled(urls: list[str], seed: int):
+    """Shard URLs drawn with replacement, endlessly: webdataset's ResampledShards(deterministic=True), seeded
+    directly so that a stream can start in any epoch."""
+    rng = random.Random(seed)
+    while True:
+        yield dict(url=urls[rng.randint(0, len(urls) - 1)])
+
+
+class TrainLoader:
+    """A DataLoader over a `TrainStream`, as epochs of `state.steps` batches `[images, labels, Advance]` (the workers'
+    announcements ride on the next batch). Sized, as Lightning wants. `state` is where the stream starts; the
+    training side advances it with each batch it trains on (`ShardDataModule`)."""
+
+    def __init__(self, loader, state: StreamState):
+        self.loader, self.state = loader, state
+
+    def __len__(self) -> int:
+        return self.state.steps
+
+    def __iter__(self):
+        news = []
+        for item in self.loader:
+            if isinstance(item[-1], Position):  # an announcement: (worker, position)
+                news.append(tuple(item))
+                continue
+            *batch, advance = item
+            yield [*batch, Advance(news + advance.news)]
+            news = []
+
+
+def epoch_steps(total: int, batch_size: int, world_size: int, accumulate: int = 1) -> int:
+    """Batches per epoch of each rank: whole optimizer steps of the global batch (at least one), each
+    `accumulate` batches."""
+    return max(1, total // (batch_size * world_size * accumulate)) * accumulate
+
+
 def train_loader(shards: str | Path, transform, batch_size: int, num_workers: int, shuffle_buffer: int,
                  world_size: int = 1, seed: int = 0, draft: int | None = None, pin_memory: bool = False,
-                 holdout: float = 0.0) -> wds.WebLoader:
-    """Batches of (images, labels); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`). The
-    HOLDOUT share of the samples (`manifest.in_holdout`) is left out.
+                 rank: int | None = None, accumulate: int = 1, resume: StreamState | None = None,
+                 holdout: float = 0.0) -> TrainLoader:
+    """Batches of (images, labels, Advance); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`).
+    The HOLDOUT share of the samples (`manifest.in_holdout`) is left out.
 
-    The stream is a function of `seed`: every (rank, worker) draws its shards and shuffles its buffer from its
-    own seed derived from it, and the workers' augmentations are seeded by the DataLoader from torch's RNG (which
-    `pl.seed_everything` sets), so a run with loader workers repeats batch for batch."""
+    The stream is a function of `seed` (see `TrainStream`), and the workers' augmentations are seeded by the
+    DataLoader from torch's RNG (which `pl.seed_everything` sets), so a run with loader workers repeats batch for
+    batch; with `resume` (a `StreamState` of this rank's stream, same steps and workers) it continues where that
+    was. Workers: at most one per batch of the epoch."""
     total = manifest.read_manifest(shards)["splits"]["train"]["total"]
-    steps = max(1, round(total * (1 - holdout)) // (batch_size * world_size))
-    if transform is None:
-        load = [wds.map_tuple(bytes, int), wds.batched(batch_size, collation_fn=collate_jpeg, partial=False)]
-    else:
-        load = [wds.map_tuple(lambda jpg: transform(decode({"jpg": jpg}, draft)), int),
-                wds.batched(batch_size, partial=False)]
-    ds = wds.DataPipeline(wds.ResampledShards(shard_urls(shards, "train"), seed=seed, deterministic=True),
-                          wds.tarfile_to_samples(), wds.select(lambda s: not manifest.in_holdout(s["__key__"], holdout)),
-                          partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed),
-                          wds.to_tuple("jpg", "cls"), *load)
-    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                         pin_memory=pin_memory).with_epoch(steps).with_length(steps)
-
-
-def _seeded_shuffle(samples, bufsize: int, seed: int):
-    """webdataset's buffer shuffle with a generator seeded per (seed, rank, worker): its default seeds from the
-    clock, so no two runs would see the same order."""
-    if bufsize < 1:
-        yield from samples
-        return
-    rng = random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
-    yield from wds.shuffle(bufsize, rng=rng)(samples)
+    steps = epoch_steps(round(total * (1 - holdout)), batch_size, world_size, accumulate)
+    workers = min(num_workers, steps)
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if resume is not None and (resume.steps, resume.workers) != (steps, workers):
+        log.warning("the checkpoint's stream had %d batches per epoch over %d workers, this one %d over %d: it starts "
+                    "afresh, not where the checkpoint was", resume.steps, resume.workers, steps, workers)
+        resume = None
+    stream = TrainStream(shard_urls(shards, "train"), transform, batch_size, shuffle_buffer, seed, rank, steps,
+                         draft, resume, holdout)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                                         pin_memory=pin_memory, prefetch_factor=PREFETCH if workers else None)
+    state = StreamState(steps, workers) if resume is None else StreamState.from_dict(resume.to_dict())
+    return TrainLoader(loader, state)
 
 
 def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int, split: str = "val",
@@ -204,7 +404,11 @@ class ShardDataModule(pl.LightningDataModule):
     """Train and val loaders over the shards, each batch finished on the training device by `feed` (a
     `feed.DeviceFeed`) through a `DevicePrefetcher`. With a feed that decodes (`GpuPreprocess`), the workers only
     read JPEG bytes and train_tf/val_tf are not used; otherwise they decode and transform to uint8 images
-    (`transforms.*(..., uint8=True)`)."""
+    (`transforms.*(..., uint8=True)`).
+
+    The training stream is resumable: each training batch advances `stream` (a `StreamState`) just before the step,
+    checkpoints record every rank's (`state_dict`), and a run restored from a checkpoint continues each rank's
+    stream from there (same world size and loader workers; otherwise it starts afresh, with a warning)."""
 
     def __init__(self, shards: str | Path, train_tf, val_tf, batch_size: int, num_workers: int, shuffle_buffer: int,
                  feed, seed: int = 0, draft: int | None = None, holdout: float = 0.0):
@@ -214,6 +418,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
         self.draft = draft
         self.manifest = manifest.read_manifest(self.shards)
+        self.stream: StreamState | None = None
+        self._restored: dict = {}
 
     @property
     def classes(self) -> list[str]:
@@ -224,13 +430,50 @@ class ShardDataModule(pl.LightningDataModule):
         return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
 
     def train_dataloader(self):
-        world = self.trainer.world_size if self.trainer else 1
+        trainer = self.trainer
+        world, rank, accumulate = ((trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches)
+                                   if trainer else (1, 0, 1))
         loader = train_loader(self.shards, None if self.feed.decodes else self.train_tf, self.batch_size,
                               self.num_workers, self.shuffle_buffer, world, self.seed, self.draft,
-                              pin_memory=self.device.type == "cuda", holdout=self.holdout)
+                              pin_memory=self.device.type == "cuda", rank=rank, accumulate=accumulate,
+                              resume=self._resume(world, rank), holdout=self.holdout)
+        self.stream = loader.state
         return DevicePrefetcher(loader, self.feed, True, self.device)
 
     def val_dataloader(self):
         loader = eval_loader(self.shards, None if self.feed.decodes else self.val_tf, self.batch_size,
                              self.num_workers, pin_memory=self.device.type == "cuda")
         return DevicePrefetcher(loader, self.feed, False, self.device)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A training batch is about to be trained on: advance the stream's state, and drop its `Advance`."""
+        if isinstance(batch[-1], Advance):
+            self.stream.advance(batch[-1])
+            batch = batch[:-1]
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.stream is None:
+            return {}
+        return {"world_size": self.trainer.world_size, "ranks": per_rank(self.stream.to_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state
+
+    def _resume(self, world: int, rank: int) -> StreamState | None:
+        if not self._restored:
+            return None
+        if self._restored["world_size"] != world:
+            log.warning("the checkpoint's stream ran on %d ranks, this run on %d: it starts afresh, not where the "
+                        "checkpoint was", self._restored["world_size"], world)
+            return None
+        return StreamState.from_dict(self._restored["ranks"][rank])
+
+
+def per_rank(obj) -> list:
+    """OBJ of every rank, in rank order (a collective: every rank calls it); [OBJ] without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -69,7 +69,7 @@ class Choice(BaseModel):
 
 
 class FixResResult(BaseModel):
-    bundle: Path
+    bundle: Path | None  # None on DDP ranks other than 0, which write nothing
     run_id: str | None  # the MLflow run (None on DDP ranks other than 0)
     img_size: int
     train_img_size: int
@@ -100,8 +100,13 @@ def run(params: Params, variant_key: str, shards: str | Path, trained: Path, out
                           cfg.seed, lightning.speedups(params.train)["channels_last"], augment=False)
     logged = {**cfg.model_dump(), "img_size": pre.img_size, "train_img_size": spec.img_size,
               "trainable": TRAINABLE + cfg.unfreeze, "chosen_by": choice.how, "batchnorm_scope": choice.scope}
-    run_id = lightning.fit(tuning.module, dm, params.train.model_copy(update={"seed": cfg.seed}), cfg.epochs,
-                           params.mlflow.experiment, f"fixres@{variant_key}", logged)
+    hardware = params.train.model_copy(update={"seed": cfg.seed})  # train's devices and precision; fixres's own recipe
+    trainer = lightning.make_trainer(hardware, cfg.epochs)
+    run_id = lightning.fit(trainer, tuning.module, dm, hardware, params.mlflow.experiment, f"fixres@{variant_key}",
+                           logged)
+    if not trainer.is_global_zero:  # rank 0 alone judges the fine-tune and writes the bundle
+        return FixResResult(bundle=None, run_id=run_id, img_size=pre.img_size, train_img_size=spec.img_size,
+                            choice=choice, fine_tuned=True)
     holdout, fine_tuned = {}, True
     if choice.scores:  # a held-out set to check the fine-tune on: keep it only where it helps
         holdout = {"adapted": choice.scores[choice.scope][choice.img_size],

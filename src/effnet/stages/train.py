@@ -1,5 +1,6 @@
 """The `train` stage: a timm TF-EfficientNet fitted by a Lightning Trainer on the shards, with the card's recipe
-(`lightning.fit`); the model exported is the EMA of the weights when there is one."""
+(`lightning.fit`); the model exported is the EMA of the weights when there is one (with early stopping, the EMA of
+the epoch with the best val top-1). Under DDP every rank runs this stage; only rank 0 writes the bundle."""
 from __future__ import annotations
 
 import shutil
@@ -12,17 +13,22 @@ from torch import nn
 
 from effnet import lightning, models
 from effnet.config import Params, TrainConfig
-from effnet.data import feed, transforms
+from effnet.data import feed, regularise, transforms
 from effnet.data.manifest import read_manifest
+from effnet.errors import EffnetError
 from effnet.variants import Recipe, Variant
 
 
 class TrainResult(BaseModel):
-    bundle: Path
+    bundle: Path | None  # None on DDP ranks other than 0, which write nothing
     run_id: str | None  # the MLflow run (None on DDP ranks other than 0)
     spec: models.ModelSpec
     lr: float  # after the linear scaling rule
-    global_batch: int
+    global_batch: int  # per optimizer step: batch_size x world_size x accumulate_grad_batches
+    world_size: int
+    rank: int
+    steps: int  # optimizer steps taken (resumed runs: counting those before the resume)
+    weights: str  # sha256 of the exported weights (every rank's own: under DDP they are the same)
     decode: str  # the data path that ran: cpu or gpu
 
 
@@ -35,20 +41,32 @@ class Trained:
     run_id: str | None
     lr: float
     global_batch: int
+    world_size: int
+    rank: int
+    steps: int
     decode: str
 
 
 def run(params: Params, variant_key: str, shards: str | Path, out: Path) -> TrainResult:
-    """Train variant `variant_key` on SHARDS; write the model bundle to OUT."""
+    """Train variant `variant_key` on SHARDS; write the model bundle to OUT (rank 0)."""
     trained = fit_model(params, variant_key, shards)
-    write(trained, params, out)
-    return TrainResult(bundle=Path(out), run_id=trained.run_id, spec=trained.spec, lr=trained.lr,
-                       global_batch=trained.global_batch, decode=trained.decode)
+    if trained.rank == 0:
+        write(trained, params, out)
+    return TrainResult(bundle=Path(out) if trained.rank == 0 else None, run_id=trained.run_id, spec=trained.spec,
+                       lr=trained.lr, global_batch=trained.global_batch, world_size=trained.world_size,
+                       rank=trained.rank, steps=trained.steps,
+                       weights=models.weights_hash(trained.module.eval_model), decode=trained.decode)
 
 
 def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
-    """Build the model and fit it: the MLflow run `train@<variant_key>`, resumed from the variant's checkpoint."""
+    """Build the model and fit it: the MLflow run `train@<variant_key>`, resumed from the variant's checkpoint.
+    The Trainer comes first: its world size sets the global batch and so the LR, and a setting it cannot run with
+    stops the stage before any work."""
     cfg, variant = params.train, params.variant(variant_key)
+    trainer = lightning.make_trainer(cfg, cfg.epochs, checkpoint_folder(cfg, variant_key), cfg.accumulate_grad_batches,
+                                     cfg.sync_bn, cfg.max_time, cfg.early_stop_patience)
+    global_batch = lightning.global_batch(trainer, cfg.batch_size)
+    lr = learning_rate(cfg, variant.recipe, global_batch)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: its init draws too
     classes = read_manifest(shards)["classes"]
     model = build_model(cfg, variant, len(classes))
@@ -56,19 +74,20 @@ def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
     speed = lightning.speedups(cfg)
     train_tf = transforms.train_transform(pre, cfg.auto_augment, cfg.crop_scale, uint8=True)
     dm = feed.data_module(params, shards, pre, train_tf, cfg.batch_size, cfg.seed, speed["channels_last"])
-    global_batch = cfg.batch_size * (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
-    lr = cfg.lr or scaled_lr(variant.recipe, global_batch)
     smoothing = variant.recipe.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
     module = lightning.Classifier(model, len(classes), optimizer_kwargs(cfg, variant.recipe, lr),
-                                  schedule_kwargs(cfg, lr), smoothing, ema_decay=cfg.ema_decay, **speed)
+                                  schedule_kwargs(cfg, lr), smoothing, ema_decay=cfg.ema_decay,
+                                  regularise=regularise.for_config(cfg, len(classes), smoothing), **speed)
     decode = "gpu" if dm.feed.decodes else "cpu"
     logged = {**cfg.model_dump(), "variant": variant.name, "lr_scaled": lr, "global_batch": global_batch,
-              "img_size": pre.img_size, "num_classes": len(classes), "decode": decode}
-    run_id = lightning.fit(module, dm, cfg, cfg.epochs, params.mlflow.experiment, f"train@{variant_key}", logged,
+              "world_size": trainer.world_size, "img_size": pre.img_size, "num_classes": len(classes),
+              "decode": decode}
+    run_id = lightning.fit(trainer, module, dm, cfg, params.mlflow.experiment, f"train@{variant_key}", logged,
                            checkpoints=checkpoint_folder(cfg, variant_key))
     spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
                             phi=variant.phi, classes=classes, preprocessing=pre)
-    return Trained(module, spec, run_id, lr, global_batch, decode)
+    return Trained(module, spec, run_id, lr, global_batch, trainer.world_size, trainer.global_rank, trainer.global_step,
+                   decode)
 
 
 def write(trained: Trained, params: Params, out: Path) -> None:
@@ -92,6 +111,19 @@ def build_model(cfg: TrainConfig, variant: Variant, num_classes: int) -> nn.Modu
 def scaled_lr(recipe: Recipe, global_batch: int) -> float:
     """The linear scaling rule: the card's LR at the card's batch, scaled to GLOBAL_BATCH."""
     return recipe.lr * global_batch / recipe.batch_size
+
+
+def learning_rate(cfg: TrainConfig, recipe: Recipe, global_batch: int) -> float:
+    """`train.lr`, or the card's scaled to GLOBAL_BATCH; a global batch or an LR that cannot train stops the stage,
+    naming the keys that made it."""
+    if global_batch < 1:
+        raise EffnetError(f"train.batch_size x world size x train.accumulate_grad_batches = {global_batch}: "
+                          "no samples per optimizer step")
+    lr = cfg.lr or scaled_lr(recipe, global_batch)
+    if not lr > 0:
+        raise EffnetError(f"train.lr: {lr} (the card's {recipe.lr} x global batch {global_batch} / "
+                          f"{recipe.batch_size}) must be positive")
+    return lr
 
 
 def optimizer_kwargs(cfg: TrainConfig, recipe: Recipe, lr: float) -> dict:
