@@ -203,6 +203,6 @@ def test_training_never_sees_the_held_out_samples(shards_dir):
     total = read_manifest(shards_dir)["splits"]["train"]["total"]
     assert 0 < len(held) < total
     loader = stream.train_loader(shards_dir, None, 4, 0, 16, holdout=0.3)
-    seen = {bytes(b) for _ in range(3) for (flat, sizes), _ in loader for b in gpu.unpack(flat, sizes)}
+    seen = {bytes(b) for _ in range(3) for (flat, sizes), _, _ in loader for b in gpu.unpack(flat, sizes)}
     assert seen and not seen & held
     assert len(loader) == round(total * 0.7) // 4
