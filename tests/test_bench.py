@@ -1,10 +1,16 @@
-"""The benches' own logic, where it can be wrong without a GPU: the largest-batch search of bench/memory_bench.py."""
+"""The benches' own logic, where it can be wrong without a GPU: the largest-batch search of bench/memory_bench.py;
+and the CPU bench end to end, small (slow)."""
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
 from memory_bench import largest_fit  # noqa: E402
 
 
@@ -20,3 +26,17 @@ def test_largest_fit_finds_the_largest_multiple_of_the_step_in_few_tries():
             expected = min(limit, cap // 8 * 8) // 8 * 8
             assert largest_fit(fits, 32, step=8, cap=cap) == expected, (cap, limit)
             assert all(b % 8 == 0 and 0 < b <= cap for b in tried) and len(tried) <= 2 * cap.bit_length()
+
+
+@pytest.mark.slow
+def test_cpu_bench_runs_every_row_and_writes_its_figures(tmp_path):
+    """bench/cpu_bench.py --dry-run (tiny model and data, ~2 min): every row measured, the ratios computed, the
+    JSON written."""
+    out = tmp_path / "cpu_bench.json"
+    subprocess.run([sys.executable, str(BENCH / "cpu_bench.py"), "--dry-run", "--out", str(out)], check=True,
+                   timeout=900, capture_output=True)
+    figures = json.loads(out.read_text())
+    assert all(row["img_s"] > 0 for row in figures["rows"]) and len(figures["rows"]) >= 11
+    assert {"effnet train / ceiling", "effnet train / timm loop", "evaluate loop / model inference"} <= set(
+        figures["ratios"])
+    assert figures["rows"][4]["what"].startswith("loader alone") and figures["rows"][5]["first_step_s"] > 0

@@ -5,12 +5,13 @@ returns `Params`; any unknown key, wrong type or unknown variant raises EffnetEr
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from effnet import variants
 from effnet.errors import EffnetError
@@ -62,9 +63,21 @@ class ShardConfig(Section):
     workers: int | None = Field(default=None, ge=1)  # processes; None: all cores (does not change the output)
 
 
+def auto_workers() -> int:
+    """`data.num_workers: auto` on this machine (the cores this process may use)."""
+    return min(8, max(1, len(os.sched_getaffinity(0)) // 2))
+
+
 class DataConfig(Section):
     source: str = "data/demo"  # an ImageFolder with train/ (val/, test/ optional) or a CSV/TSV of path,label[,split]
-    num_workers: int = Field(default=2, ge=0)
+    # loader processes decoding and augmenting images (0: in the training process). auto: half this machine's
+    # cores, at most 8: the other half run the model (2 cores: 1 worker, measured fastest by bench/cpu_bench.py)
+    num_workers: Annotated[int, Field(ge=0)] = "auto"
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value):
+        return auto_workers() if value == "auto" else value
     shuffle_buffer: int = Field(default=1000, ge=0)
     # share of the train samples (chosen by a hash of their key) that no stage trains on: fixres chooses its
     # resolution on them (never on val, which evaluate selects on); 0: none (fixres.img_size auto then falls back)
@@ -111,8 +124,9 @@ class TrainConfig(Section):
     num_nodes: int = Field(default=1, ge=1)
     strategy: str = "auto"
     sync_bn: bool = False  # BatchNorm statistics over the global batch under DDP (the TPU recipe's cross-replica BN)
-    precision: str | None = None  # None: bf16-mixed on GPU, 32 on CPU
-    channels_last: bool | Literal["auto"] = "auto"  # model and batches in NHWC; auto: on CUDA only
+    # null/auto: chosen per device from measurement (lightning.AUTO), and logged
+    precision: str | None = None  # None: bf16-mixed on GPU, bf16-true on TPU, 32 on CPU
+    channels_last: bool | Literal["auto"] = "auto"  # model and batches in NHWC; auto: on CUDA and CPU
     compile: bool | Literal["auto"] = "auto"  # torch.compile the trained model's forward; auto: on CUDA only
     seed: int = 0
     progress_bar: bool = True

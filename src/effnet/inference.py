@@ -1,8 +1,8 @@
 """Measuring a model on the shards: top-1/top-5 over a split in one pass (with any extra torchmetrics), and the
 per-class figures (confusion matrix, precision, recall).
 
-On CUDA the model runs in bf16 autocast and channels_last, fed by the same device path as training; eager: the
-evaluate stage's sweep runs each model at many resolutions, where compiling each would cost more than it saves."""
+Stages run the model channels_last (`feed.for_inference`), on CUDA in bf16 autocast, fed by the same device path
+as training; eager: the evaluate stage's sweep runs each model at many resolutions, where compiling each would cost more than it saves."""
 from __future__ import annotations
 
 import itertools
@@ -42,17 +42,20 @@ def accuracy(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, bat
 
 def forward(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, batch_size: int, num_workers: int,
             feed: DeviceFeed | None = None, device: torch.device | str = "cpu", split: str = "val",
-            keep: Callable[[str], bool] | None = None, max_batches: int | None = None) -> Iterator[tuple]:
+            keep: Callable[[str], bool] | None = None, max_batches: int | None = None,
+            bf16: bool | None = None) -> Iterator[tuple]:
     """(float32 logits, labels) of MODEL, in the mode the caller left it, over the first MAX_BATCHES batches of
-    SPLIT with eval preprocessing PRE (see `accuracy`); bf16 autocast and channels_last on CUDA."""
+    SPLIT with eval preprocessing PRE (see `accuracy`); in the FEED's memory format; in bf16 autocast with BF16
+    (None: on CUDA, where it is 2x faster; on the CPU it is not)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
+    bf16 = cuda if bf16 is None else bf16
     feed = feed or DeviceFeed(pre.mean, pre.std, channels_last=cuda)
     model.to(device, memory_format=torch.channels_last if feed.channels_last else torch.preserve_format)
     loader = eval_loader(shards, None if feed.decodes else transforms.eval_transform(pre, uint8=True), batch_size,
                          num_workers, split, pin_memory=cuda, keep=keep)
     batches = DevicePrefetcher(loader, feed, False, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for x, y, _ in itertools.islice(batches, max_batches):
             yield model(x).float(), y
 

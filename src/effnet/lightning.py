@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -160,41 +161,79 @@ class ProgressBar(RichProgressBar):
 
 
 class EpochSummary(pl.Callback):
-    """Throughput to MLflow (train/img_per_s) and one line per epoch, which logs keep when there is no terminal
-    for the progress bar."""
+    """One line per epoch, which logs keep when there is no terminal for the progress bar, with the training rate
+    (train/img_per_s in MLflow: the training batches alone, validation left out, so that it compares with a
+    model-only step); and once, how long after the process started the first step ended (imports, MLflow, Trainer,
+    loader workers: the start-up a user waits through)."""
+
+    def __init__(self):
+        self.first_step_done = False
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.start, self.seen = time.perf_counter(), 0
+        self.start = self.last = time.perf_counter()
+        self.seen = 0
 
     on_train_start = on_train_epoch_start  # a resume mid-epoch starts there, without an epoch start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seen += len(batch[1]) * trainer.world_size
+        self.last = time.perf_counter()
+        if not self.first_step_done:
+            self.first_step_done = True
+            rank_zero_info(f"first step after {time.time() - psutil.Process().create_time():.1f} s "
+                           "(from the process start)")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        rate = self.seen / (time.perf_counter() - self.start)
+        rate = self.seen / max(self.last - self.start, 1e-9)
         pl_module.log("train/img_per_s", rate)
         shown = {k: f"{v.item():.4g}" for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/top1")}
         rank_zero_info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
-                       + " ".join(f"{k} {v}" for k, v in shown.items()) + f" ({rate:.0f} img/s)")
+                       + " ".join(f"{k} {v}" for k, v in shown.items()) + f" ({rate:.0f} img/s train)")
+
+
+# What `train.channels_last: auto`, `train.compile: auto` and `train.precision: null` choose on each kind of
+# device, from measurement. CPU (bench/cpu_bench.py, 2 cores): channels_last trains 1.5-1.8x faster than NCHW
+# in fp32, bf16 autocast is no faster, and torch.compile's minutes of compiling outweigh what it saves on a CPU-sized
+# run. CUDA (../PERF.md, H200): bf16 + channels_last 2.3x fp32 NCHW, compile 1.4x more. TPU: XLA picks its layouts.
+AUTO = {"cuda": dict(channels_last=True, compile=True, precision="bf16-mixed"),
+        "cpu": dict(channels_last=True, compile=False, precision="32-true"),
+        "tpu": dict(channels_last=False, compile=False, precision="bf16-true"),  # XLA: no bf16-mixed
+        "other": dict(channels_last=False, compile=False, precision="32-true")}  # mps...: unmeasured, plain
+
+
+def device_kind(accelerator: str) -> str:
+    """The AUTO row for the Trainer's ACCELERATOR: cuda when it would use CUDA, cpu for `cpu` (and `auto` without
+    CUDA), tpu, or other."""
+    if cuda_usable(accelerator):
+        return "cuda"
+    return accelerator if accelerator in ("cpu", "tpu") else "cpu" if accelerator == "auto" else "other"
+
+
+def speed_settings(cfg: TrainConfig) -> dict:
+    """channels_last, compile and precision for CFG: each as set, or where `auto`/null, the AUTO row's."""
+    auto = AUTO[device_kind(cfg.accelerator)]
+    return dict(channels_last=auto["channels_last"] if cfg.channels_last == "auto" else bool(cfg.channels_last),
+                compile=auto["compile"] if cfg.compile == "auto" else bool(cfg.compile),
+                precision=cfg.precision or auto["precision"])
 
 
 def precision_for(cfg: TrainConfig) -> str:
-    if cfg.precision:
-        return cfg.precision
-    if cfg.accelerator == "tpu":
-        return "bf16-true"  # XLA: bf16-mixed is not supported
-    return "bf16-mixed" if cuda_usable(cfg.accelerator) else "32-true"
-
-
-def on_for(setting: bool | str, cfg: TrainConfig) -> bool:
-    """A `true | false | auto` train setting; auto: on where the Trainer runs on CUDA."""
-    return cuda_usable(cfg.accelerator) if setting == "auto" else bool(setting)
+    return speed_settings(cfg)["precision"]
 
 
 def speedups(cfg: TrainConfig) -> dict[str, bool]:
-    """Classifier's compile and channels_last settings from the train config (`auto`: on with CUDA)."""
-    return dict(compile=on_for(cfg.compile, cfg), channels_last=on_for(cfg.channels_last, cfg))
+    """Classifier's compile and channels_last settings from the train config (see AUTO)."""
+    chosen = speed_settings(cfg)
+    return dict(compile=chosen["compile"], channels_last=chosen["channels_last"])
+
+
+def log_speed_settings(cfg: TrainConfig) -> dict:
+    """Say what the speed settings came to on this device, once, and return them for the run's params."""
+    chosen = speed_settings(cfg)
+    how = {k: "set" if getattr(cfg, k) not in ("auto", None) else f"auto on {device_kind(cfg.accelerator)}"
+           for k in chosen}
+    rank_zero_info("speed: " + ", ".join(f"{k} {v} ({how[k]})" for k, v in chosen.items()))
+    return {f"speed.{k}": v for k, v in chosen.items()}
 
 
 LAST = "last.ckpt"

@@ -1,0 +1,268 @@
+"""CPU throughput, side by side in one call (issue 15): img/s and ratios, printed as a table and written as JSON.
+
+Same model (the params' variant: the demo's tiny model by default, or --variant tf_efficientnet_b0) and same
+images (the demo's shapes, as shards for effnet and as an ImageFolder for timm) in every row:
+
+  model train step           the training step on a fixed batch, NCHW / channels_last x fp32 / bf16 autocast,
+                             with effnet's optimizer: the best of the four is the ceiling
+  loader alone               the training stream's decode + augment in one process, no model: the CPU it takes
+                             from the model on a machine whose cores the model already uses
+  effnet train               `effnet train` as a user runs it (its own process, params.yaml's CPU defaults):
+                             steady-state img/s over the epochs after the first, and seconds from process start
+                             to the first step
+  timm loop                  timm's own training loop on the same images as an ImageFolder: create_dataset +
+                             create_loader with the same augmentation, create_optimizer_v2, ModelEmaV3, NCHW fp32
+                             (timm's defaults)
+  model inference            eval forward on a fixed batch, the best memory format
+  effnet evaluate loop       `inference.accuracy` over the val shards (the evaluate stage's loop)
+
+    .venv/bin/python bench/cpu_bench.py --out cpu_bench.json      # the demo's model and data (a few minutes)
+    .venv/bin/python bench/cpu_bench.py --dry-run                 # tiny: checks that it runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from timm.data import create_dataset, create_loader
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # the project, when not installed
+from effnet import config, env, inference, models  # noqa: E402
+from effnet.data import feed, stream, transforms  # noqa: E402
+from effnet.data.manifest import read_manifest  # noqa: E402
+from effnet.stages import demo_data, shard, train  # noqa: E402
+
+
+def timed(step, batch: int, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - t)
+
+
+class Bench:
+    def __init__(self, params: config.Params, variant_key: str, args):
+        self.params, self.key, self.args = params, variant_key, args
+        self.variant = params.variant(variant_key)
+        self.size, self.batch = params.train.img_size or self.variant.img_size, params.train.batch_size
+        self.classes = params.demo_data.classes
+        self.rows: list[dict] = []
+
+    def record(self, what: str, rate: float, ref: str | None = None, **info) -> None:
+        row = dict(what=what, img_s=round(rate, 1), ref=ref, **info)
+        self.rows.append(row)
+        print(f"  {what:44} {rate:8.1f} img/s" + "".join(f"  {k}={v}" for k, v in info.items()), flush=True)
+
+    def model(self) -> nn.Module:
+        cfg = self.params.train
+        torch.manual_seed(0)
+        return train.build_model(cfg, self.variant, self.classes)
+
+    def fixed_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, 3, self.size, self.size), torch.randint(0, self.classes, (n,))
+
+    # -- the ceiling -------------------------------------------------------------------------------------------
+    def model_train(self, channels_last: bool, bf16: bool) -> float:
+        cfg, recipe = self.params.train, self.variant.recipe
+        model = self.model().train()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        opt = create_optimizer_v2(model, **train.optimizer_kwargs(cfg, recipe, cfg.lr or 0.01))
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+        x, y = self.fixed_batch(self.batch)
+        x = x.contiguous(memory_format=fmt)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return timed(step, self.batch, self.args.warmup, self.args.steps)
+
+    def model_infer(self, channels_last: bool) -> float:
+        model = self.model().eval()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        x, _ = self.fixed_batch(self.params.evaluate.batch_size)
+        x = x.contiguous(memory_format=fmt)
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+        return timed(step, len(x), self.args.warmup, self.args.steps)
+
+    # -- effnet ------------------------------------------------------------------------------------------------
+    def effnet_train(self, shards: Path, workspace: Path, *sets: str) -> tuple[float, float]:
+        """`effnet train` in its own process (with SETS, `section.key=value`); (steady img/s over epochs 2..,
+        seconds from start to the first step), read from its log lines."""
+        sets = (f"train.epochs={self.args.epochs}", "train.progress_bar=false", "train.resume=false", *sets)
+        out = subprocess.run(
+            [sys.executable, "-m", "effnet", "train", str(shards), str(workspace / "trained"), "--variant", self.key,
+             "--params", str(workspace / "params.yaml"), *[a for s in sets for a in ("--set", s)]],
+            cwd=workspace, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-3000:])
+        rates = [float(r) for r in re.findall(r"\((\d+(?:\.\d+)?) img/s train", out.stderr)]
+        first = float(re.search(r"first step after (\d+(?:\.\d+)?) s", out.stderr).group(1))
+        if len(rates) < 2:
+            raise RuntimeError(f"expected per-epoch rates in the log: {out.stderr[-2000:]}")
+        return sum(rates[1:]) / len(rates[1:]), first
+
+    def loader_alone(self, shards: Path) -> float:
+        """The training stream's decode + augment in this process, no model: what the loader costs a core."""
+        cfg = self.params.train
+        pre = models.preprocessing(self.model(), self.variant, self.size)
+        tf = transforms.train_transform(pre, cfg.auto_augment, cfg.crop_scale, uint8=True)
+        loader = stream.train_loader(shards, tf, self.batch, 0, self.params.data.shuffle_buffer)
+        seen, t = 0, time.perf_counter()
+        for images, _, _ in loader:
+            seen += len(images)
+        return seen / (time.perf_counter() - t)
+
+    def eval_loader_alone(self, shards: Path) -> float:
+        """The val split's decode + resize + crop in this process, no model."""
+        pre = models.preprocessing(self.model(), self.variant, self.size)
+        loader = stream.eval_loader(shards, transforms.eval_transform(pre, uint8=True),
+                                    self.params.evaluate.batch_size, 0)
+        seen, t = 0, time.perf_counter()
+        for images, _, _ in loader:
+            seen += len(images)
+        return seen / (time.perf_counter() - t)
+
+    def effnet_eval(self, shards: Path) -> float:
+        model = self.model()
+        pre = models.preprocessing(model, self.variant, self.size)
+        fed, device = feed.for_inference(self.params, pre)
+        inference.accuracy(model, pre, shards, self.params.evaluate.batch_size, self.params.data.num_workers,
+                           feed=fed, device=device)  # warm-up: loader workers, first forward
+        t = time.perf_counter()
+        inference.accuracy(model, pre, shards, self.params.evaluate.batch_size, self.params.data.num_workers,
+                           feed=fed, device=device)
+        return read_manifest(shards)["splits"]["val"]["total"] / (time.perf_counter() - t)
+
+    # -- timm ----------------------------------------------------------------------------------------------------
+    def timm_train(self, folder: Path) -> float:
+        """timm's loop with timm's defaults (NCHW fp32), the same augmentation, optimizer and EMA as effnet."""
+        cfg, recipe = self.params.train, self.variant.recipe
+        model = self.model().train()
+        pre = models.preprocessing(model, self.variant, self.size)
+        loader = create_loader(create_dataset("", root=str(folder / "train")), input_size=(3, self.size, self.size),
+                               batch_size=self.batch, is_training=True, auto_augment=cfg.auto_augment,
+                               scale=cfg.crop_scale, interpolation=pre.interpolation, mean=pre.mean, std=pre.std,
+                               num_workers=self.params.data.num_workers, use_prefetcher=False,
+                               persistent_workers=self.params.data.num_workers > 0)
+        opt = create_optimizer_v2(model, **{**train.optimizer_kwargs(cfg, recipe, cfg.lr or 0.01), "foreach": None})
+        ema = ModelEmaV3(model, decay=cfg.ema_decay or 0.9998, use_warmup=True)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+        step, seen, t = 0, 0, None
+        for epoch in range(self.args.epochs):
+            if epoch == 1:
+                t, seen = time.perf_counter(), 0
+            for x, y in loader:
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                ema.update(model, step=step)
+                seen += len(y)
+        return seen / (time.perf_counter() - t)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    ap.add_argument("--variant", default=None, help="a key of the params' variants (default: the first)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--epochs", type=int, default=3, help="effnet train and timm loop: epochs (the first is warm-up)")
+    ap.add_argument("--warmup", type=int, default=3, help="model rows: steps not timed")
+    ap.add_argument("--steps", type=int, default=20, help="model rows: steps timed")
+    ap.add_argument("--workers", type=lambda v: [int(n) for n in v.split(",")], default=[],
+                    help="also run effnet train with each of these data.num_workers, e.g. 0,1,2")
+    ap.add_argument("--train-set", dest="train_sets", action="append", default=[], metavar="K=V[,K=V]",
+                    help="also run effnet train with these overrides (repeatable), e.g. train.channels_last=false")
+    ap.add_argument("--out", type=Path, default=Path("cpu_bench.json"))
+    ap.add_argument("--dry-run", action="store_true", help="tiny data and model")
+    args = ap.parse_args(argv)
+    env.configure()
+    overrides = list(args.overrides)
+    if args.dry_run:
+        overrides += ["variants={tiny: {phi: -6}}", "demo_data.classes=4", "demo_data.train_per_class=32",
+                      "demo_data.val_per_class=8", "demo_data.image_size=48", "train.img_size=32",
+                      "train.batch_size=16", "evaluate.batch_size=32"]
+        args.epochs, args.warmup, args.steps = 2, 1, 2
+    params = config.load(args.params, overrides)
+    key = args.variant or next(iter(params.variants))
+    bench = Bench(params, key, args)
+    info = dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                threads=torch.get_num_threads(), variant=bench.variant.name, img_size=bench.size, batch=bench.batch,
+                workers=params.data.num_workers, epochs=args.epochs, dry_run=args.dry_run)
+    print(json.dumps(info), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp)
+        folder = demo_data.run(params.demo_data, ws / "demo").out
+        shards = Path(shard.run(params.shard, folder, ws / "shards").out)
+        (ws / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+        for cl in (False, True):
+            for bf16 in (False, True):
+                bench.record(f"model train step {'channels_last' if cl else 'NCHW'} {'bf16' if bf16 else 'fp32'}",
+                             bench.model_train(cl, bf16))
+        ceiling = max(bench.rows, key=lambda r: r["img_s"])["what"]
+        bench.record("loader alone (decode + augment, 1 process)", bench.loader_alone(shards))
+        rate, first = bench.effnet_train(shards, ws)
+        bench.record("effnet train (steady state)", rate, ref=ceiling, first_step_s=first)
+        for n in args.workers:  # what data.num_workers costs or gains, the rest as above
+            rate, first = bench.effnet_train(shards, ws, f"data.num_workers={n}")
+            bench.record(f"effnet train, data.num_workers={n}", rate, ref=ceiling, first_step_s=first)
+        for sets in args.train_sets:  # e.g. train.channels_last=false: what a speed default gains
+            rate, first = bench.effnet_train(shards, ws, *sets.split(","))
+            bench.record(f"effnet train, {sets}", rate, ref=ceiling, first_step_s=first)
+        bench.record("timm loop (timm defaults: NCHW fp32)", bench.timm_train(folder), ref=ceiling)
+        for cl in (False, True):
+            bench.record(f"model inference {'channels_last' if cl else 'NCHW'} fp32", bench.model_infer(cl))
+        best_infer = max((r for r in bench.rows if r["what"].startswith("model inference")),
+                         key=lambda r: r["img_s"])["what"]
+        bench.record("eval loader alone (decode + resize, 1 process)", bench.eval_loader_alone(shards))
+        bench.record("effnet evaluate loop", bench.effnet_eval(shards), ref=best_infer)
+    by = {r["what"]: r["img_s"] for r in bench.rows}
+    for r in bench.rows:
+        r["ratio"] = round(r["img_s"] / by[r["ref"]], 3) if r["ref"] else None
+    ratios = {"effnet train / ceiling": by["effnet train (steady state)"] / by[ceiling],
+              "effnet train / timm loop": by["effnet train (steady state)"] / by["timm loop (timm defaults: NCHW fp32)"],
+              "evaluate loop / model inference": by["effnet evaluate loop"] / by[best_infer]}
+    # Where the cores are all the model's, the loader's CPU time adds to each step's: the best a training loop can
+    # do is then both in turn. effnet train against that bound says what is left besides the loader's work.
+    serial = 1 / (1 / by[ceiling] + 1 / by["loader alone (decode + augment, 1 process)"])
+    ratios["effnet train / (ceiling step + loader, in turn)"] = by["effnet train (steady state)"] / serial
+    serial = 1 / (1 / by[best_infer] + 1 / by["eval loader alone (decode + resize, 1 process)"])
+    ratios["evaluate loop / (inference + eval loader, in turn)"] = by["effnet evaluate loop"] / serial
+    print(f"\n{'what':46} {'img/s':>8} {'ratio':>7}  vs")
+    for r in bench.rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{r['what']:46} {r['img_s']:8.1f} {ratio:>7}  {r['ref'] or ''}")
+    print("\n" + "\n".join(f"{k}: {v:.2f}x" for k, v in ratios.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"env": info, "rows": bench.rows, "ratios": ratios}, indent=1))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
