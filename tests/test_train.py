@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from effnet import cli, inference, models
 from effnet.stages import train
-from tests.conftest import kill_tree, result_json, stop, torchrun, train_args, write_tiny_params
+from tests.conftest import REPO, kill_tree, result_json, stop, torchrun, train_args, write_tiny_params
 
 
 def test_the_ema_is_the_exported_model_and_checkpoints_go_after_success(tiny_params, shards_dir, workspace):
@@ -165,24 +166,46 @@ def test_the_train_stage_repeats_bit_for_bit(tiny_params, shards_dir, tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_channels_last_and_bf16_predict_what_nchw_fp32_predicts(pipeline):
-    """The speed settings change the arithmetic, not the answers: on the pipeline's real val and test images (the
-    digit scans), the trained model's top-1 in channels_last (the CPU's default) agrees with NCHW fp32's on at
-    least 99.5 % of them. bf16 autocast (the GPU's default) rounds logits to 3 significant digits: this 3-epoch
-    model, barely above chance, has near-ties that flip (2 of 356 here), so it is held to 99 %; the demo's trained
-    model agrees on all of its 400 val images (README, "Speed on a CPU")."""
+def agreement(bundle, shards, splits=("val",)) -> dict[tuple[bool, bool], float]:
+    """Top-1 agreement of BUNDLE's model with itself in NCHW fp32 over SPLITS, for each (channels_last, bf16)."""
     from effnet.data.feed import DeviceFeed
 
-    model, spec = models.load_bundle(pipeline.repo / "models/tiny/trained")
-    pre, shards = spec.preprocessing, pipeline.repo / "data/shards"
+    model, spec = models.load_bundle(bundle)
+    pre = spec.preprocessing
 
     def top1(channels_last: bool, bf16: bool) -> torch.Tensor:
         feed = DeviceFeed(pre.mean, pre.std, channels_last=channels_last)
-        return torch.cat([logits.argmax(1) for split in ("val", "test")
+        return torch.cat([logits.argmax(1) for split in splits
                           for logits, _ in inference.forward(model, pre, shards, 64, 0, feed, split=split, bf16=bf16)])
 
     reference = top1(channels_last=False, bf16=False)
     assert len(reference) >= 200
-    for channels_last, bf16 in ((True, False), (False, True), (True, True)):
-        agree = (top1(channels_last, bf16) == reference).float().mean().item()
-        assert agree >= (0.99 if bf16 else 0.995), (channels_last, bf16, agree)
+    return {(cl, bf16): (top1(cl, bf16) == reference).float().mean().item()
+            for cl, bf16 in ((True, False), (False, True), (True, True))}
+
+
+def test_channels_last_predicts_what_nchw_predicts(pipeline):
+    """channels_last (the CPU's default) changes the order of the arithmetic, not the answers: the pipeline's trained
+    model agrees with itself in NCHW on >= 99.5 % of the real val and test images (the digit scans). bf16 is held
+    to that on the demo's trained model (the next test): this 3-epoch model, barely above chance, has near-ties
+    that bf16's 3 significant digits flip (5 of 356)."""
+    agrees = agreement(pipeline.repo / "models/tiny/trained", pipeline.repo / "data/shards", ("val", "test"))
+    assert agrees[True, False] >= 0.995, agrees
+
+
+@pytest.mark.slow
+def test_channels_last_and_bf16_predict_what_nchw_fp32_predicts_on_the_demo(tmp_path, monkeypatch):
+    """The demo's model as `make demo` trains it (params.yaml as shipped, ~6 min on 2 cores): in channels_last, in
+    bf16 autocast (the GPU's default) and in both, its top-1 agrees with NCHW fp32's on >= 99.5 % of the 400 demo
+    val images."""
+    from effnet import config
+    from effnet.stages import demo_data, shard
+
+    monkeypatch.chdir(tmp_path)
+    params = config.load(REPO / "params.yaml", ["train.progress_bar=false"])
+    folder = demo_data.run(params.demo_data, tmp_path / "demo").out
+    shards = Path(shard.run(params.shard, folder, tmp_path / "shards").out)
+    key = next(iter(params.variants))
+    train.run(params, key, shards, tmp_path / "trained")
+    agrees = agreement(tmp_path / "trained", shards)
+    assert min(agrees.values()) >= 0.995, agrees
