@@ -3,6 +3,7 @@ session through the Prefect flow and `dvc repro`, for every test that needs a fi
 temporary workspace so MLflow's embedded store and DVC state never touch the repo."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -90,6 +91,15 @@ class Pipeline:
     @property
     def tracking_uri(self) -> str:
         return f"sqlite:///{self.repo / 'mlflow.db'}"
+
+    def published(self, dest: Path) -> Path:
+        """A bundle of what `register` published: the model evaluate selected, at the resolution it selected."""
+        from effnet import models
+        selected = json.loads((self.repo / "metrics/tiny.json").read_text())["selected"]
+        model, spec = models.load_bundle(self.repo / "models/tiny" / selected["model"])
+        spec = spec.model_copy(update={"preprocessing": spec.preprocessing.at(selected["resolution"])})
+        models.save_bundle(model, spec, dest)
+        return dest
 
     def copy(self, dest: Path) -> Path:
         """A copy of the workspace (git, DVC cache, MLflow store), for a test that changes it."""
@@ -186,5 +196,4 @@ def train_args(shards, params, *sets: str, out: str = "trained") -> list[str]:
 
 def result_json(stdout: str) -> dict:
     """The stage result the CLI prints last (indented JSON) from a process's stdout."""
-    import json
     return json.loads(stdout[stdout.rfind("\n{") + 1:])

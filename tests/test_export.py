@@ -132,7 +132,7 @@ def test_register_stores_the_checked_onnx_file_with_the_version(pipeline, tmp_pa
     folder = mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny@champion", dst_path=str(tmp_path))
     path = tmp_path / folder / "artifacts" / onnx_export.FILE
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    model, spec = models.load_bundle(pipeline.repo / "models/tiny/fixres")
+    model, spec = models.load_bundle(pipeline.published(tmp_path / "published"))
     assert json.loads(meta["classes"]) == spec.classes and json.loads(meta["parity"])["max_abs_diff"] < CFG.atol
     x = onnx_export.normalised(spec, onnx_export.synthetic(4, spec.img_size, seed=3))
     with torch.inference_mode():

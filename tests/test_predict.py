@@ -215,7 +215,7 @@ def test_registry_uris_give_the_bundles_rows(pipeline, tmp_path, monkeypatch, ca
     monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline.tracking_uri)
     run_id = json.loads((pipeline.repo / "models/tiny/registered.json").read_text())["run_id"]
     val = pipeline.repo / "data/demo/val"
-    by_bundle = rows(CFG, pipeline.repo / "models/tiny/fixres", val, tmp_path, "bundle.csv")
+    by_bundle = rows(CFG, pipeline.published(tmp_path / "published"), val, tmp_path, "bundle.csv")
     for uri in ["models:/tiny@champion", "models:/tiny/1", f"runs:/{run_id}/model"]:
         pd.testing.assert_frame_equal(rows(CFG, uri, val, tmp_path, "uri.csv"), by_bundle, obj=uri)
     assert cli.main(["predict", "models:/tiny@nope", str(val)]) == 2
