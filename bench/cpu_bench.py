@@ -125,24 +125,19 @@ class Bench:
             raise RuntimeError(f"expected per-epoch rates in the log: {out.stderr[-2000:]}")
         return sum(rates[1:]) / len(rates[1:]), first
 
-    def loader_alone(self, shards: Path) -> float:
-        """The training stream's decode + augment in this process, no model: what the loader costs a core."""
+    def loader_alone(self, shards: Path, train: bool) -> float:
+        """A loader in this process, no model: the training stream's decode + augment, or the val split's decode +
+        resize + crop. What it costs a core."""
         cfg = self.params.train
         pre = models.preprocessing(self.model(), self.variant, self.size)
-        tf = transforms.train_transform(pre, cfg.auto_augment, cfg.crop_scale, uint8=True)
-        loader = stream.train_loader(shards, tf, self.batch, 0, self.params.data.shuffle_buffer)
+        if train:
+            tf = transforms.train_transform(pre, cfg.auto_augment, cfg.crop_scale, uint8=True)
+            loader = stream.train_loader(shards, tf, self.batch, 0, self.params.data.shuffle_buffer)
+        else:
+            loader = stream.eval_loader(shards, transforms.eval_transform(pre, uint8=True),
+                                        self.params.evaluate.batch_size, 0)
         seen, t = 0, time.perf_counter()
-        for images, _, _ in loader:
-            seen += len(images)
-        return seen / (time.perf_counter() - t)
-
-    def eval_loader_alone(self, shards: Path) -> float:
-        """The val split's decode + resize + crop in this process, no model."""
-        pre = models.preprocessing(self.model(), self.variant, self.size)
-        loader = stream.eval_loader(shards, transforms.eval_transform(pre, uint8=True),
-                                    self.params.evaluate.batch_size, 0)
-        seen, t = 0, time.perf_counter()
-        for images, _, _ in loader:
+        for images, *_ in loader:
             seen += len(images)
         return seen / (time.perf_counter() - t)
 
@@ -225,7 +220,7 @@ def main(argv=None) -> int:
                 bench.record(f"model train step {'channels_last' if cl else 'NCHW'} {'bf16' if bf16 else 'fp32'}",
                              bench.model_train(cl, bf16))
         ceiling = max(bench.rows, key=lambda r: r["img_s"])["what"]
-        bench.record("loader alone (decode + augment, 1 process)", bench.loader_alone(shards))
+        bench.record("loader alone (decode + augment, 1 process)", bench.loader_alone(shards, train=True))
         rate, first = bench.effnet_train(shards, ws)
         bench.record("effnet train (steady state)", rate, ref=ceiling, first_step_s=first)
         for n in args.workers:  # what data.num_workers costs or gains, the rest as above
@@ -239,7 +234,7 @@ def main(argv=None) -> int:
             bench.record(f"model inference {'channels_last' if cl else 'NCHW'} fp32", bench.model_infer(cl))
         best_infer = max((r for r in bench.rows if r["what"].startswith("model inference")),
                          key=lambda r: r["img_s"])["what"]
-        bench.record("eval loader alone (decode + resize, 1 process)", bench.eval_loader_alone(shards))
+        bench.record("eval loader alone (decode + resize, 1 process)", bench.loader_alone(shards, train=False))
         bench.record("effnet evaluate loop", bench.effnet_eval(shards), ref=best_infer)
     by = {r["what"]: r["img_s"] for r in bench.rows}
     for r in bench.rows:
