@@ -14,7 +14,10 @@ images (the demo's shapes, as shards for effnet and as an ImageFolder for timm) 
                              create_loader with the same augmentation, create_optimizer_v2, ModelEmaV3, NCHW fp32
                              (timm's defaults)
   model inference            eval forward on a fixed batch, the best memory format
-  effnet evaluate loop       `inference.accuracy` over the val shards (the evaluate stage's loop)
+  effnet evaluate loop       `inference.accuracy` over the val shards, streamed (one pass of the evaluate stage)
+  effnet evaluate stage      `evaluate.measure`: two models over the resolution sweep, val decoded once and held
+                             in memory (and with data.hold_mb=0: streamed every pass), against model-only
+                             inference over the same passes
 
     .venv/bin/python bench/cpu_bench.py --out cpu_bench.json      # the demo's model and data (a few minutes)
     .venv/bin/python bench/cpu_bench.py --dry-run                 # tiny: checks that it runs
@@ -44,7 +47,7 @@ sys.path.insert(0, str(REPO / "src"))  # the project, when not installed
 from effnet import config, env, inference, models  # noqa: E402
 from effnet.data import feed, stream, transforms  # noqa: E402
 from effnet.data.manifest import read_manifest  # noqa: E402
-from effnet.stages import demo_data, shard, train  # noqa: E402
+from effnet.stages import demo_data, evaluate, shard, train  # noqa: E402
 
 
 def timed(step, batch: int, warmup: int, steps: int) -> float:
@@ -74,8 +77,9 @@ class Bench:
         torch.manual_seed(0)
         return train.build_model(cfg, self.variant, self.classes)
 
-    def fixed_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(n, 3, self.size, self.size), torch.randint(0, self.classes, (n,))
+    def fixed_batch(self, n: int, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        size = size or self.size
+        return torch.randn(n, 3, size, size), torch.randint(0, self.classes, (n,))
 
     # -- the ceiling -------------------------------------------------------------------------------------------
     def model_train(self, channels_last: bool, bf16: bool) -> float:
@@ -96,11 +100,11 @@ class Bench:
             opt.zero_grad(set_to_none=True)
         return timed(step, self.batch, self.args.warmup, self.args.steps)
 
-    def model_infer(self, channels_last: bool) -> float:
+    def model_infer(self, channels_last: bool, size: int | None = None) -> float:
         model = self.model().eval()
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(memory_format=fmt)
-        x, _ = self.fixed_batch(self.params.evaluate.batch_size)
+        x, _ = self.fixed_batch(self.params.evaluate.batch_size, size)
         x = x.contiguous(memory_format=fmt)
 
         def step():
@@ -152,6 +156,20 @@ class Bench:
                            feed=fed, device=device)
         return read_manifest(shards)["splits"]["val"]["total"] / (time.perf_counter() - t)
 
+    def effnet_evaluate_stage(self, shards: Path, bundle: Path, *sets: str) -> tuple[float, float]:
+        """The evaluate stage's measuring (`evaluate.measure`) of two bundles (BUNDLE twice, as trained and fixres
+        are two models of one preprocessing) over its resolution sweep: (image passes per second, the same passes
+        at model-only inference speed, channels_last, measured here at each size)."""
+        params = config.load(self.args.params, [*self.args.overrides, *self.dry, *sets])
+        t = time.perf_counter()
+        evaluation = evaluate.measure(params, shards, {"trained": bundle, "fixres": bundle})
+        wall = time.perf_counter() - t
+        images = read_manifest(shards)["splits"]["val"]["total"]
+        passes = [size for by_size in evaluation.sweep.values() for size in by_size] + [evaluation.selected.resolution]
+        rates = {size: self.model_infer(True, size) for size in set(passes)}
+        model_only = sum(images / rates[size] for size in passes)
+        return len(passes) * images / wall, len(passes) * images / model_only
+
     # -- timm ----------------------------------------------------------------------------------------------------
     def timm_train(self, folder: Path) -> float:
         """timm's loop with timm's defaults (NCHW fp32), the same augmentation, optimizer and EMA as effnet."""
@@ -198,14 +216,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     env.configure()
     overrides = list(args.overrides)
+    dry = []
     if args.dry_run:
-        overrides += ["variants={tiny: {phi: -6}}", "demo_data.classes=4", "demo_data.train_per_class=32",
+        dry += ["variants={tiny: {phi: -6}}", "demo_data.classes=4", "demo_data.train_per_class=32",
                       "demo_data.val_per_class=8", "demo_data.image_size=48", "train.img_size=32",
                       "train.batch_size=16", "evaluate.batch_size=32"]
         args.epochs, args.warmup, args.steps = 2, 1, 2
-    params = config.load(args.params, overrides)
+    params = config.load(args.params, overrides + dry)
     key = args.variant or next(iter(params.variants))
     bench = Bench(params, key, args)
+    bench.dry = dry
     info = dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                 threads=torch.get_num_threads(), variant=bench.variant.name, img_size=bench.size, batch=bench.batch,
                 workers=params.data.num_workers, epochs=args.epochs, dry_run=args.dry_run)
@@ -236,12 +256,19 @@ def main(argv=None) -> int:
                          key=lambda r: r["img_s"])["what"]
         bench.record("eval loader alone (decode + resize, 1 process)", bench.loader_alone(shards, train=False))
         bench.record("effnet evaluate loop", bench.effnet_eval(shards), ref=best_infer)
+        for what, sets in (("effnet evaluate stage (sweep, 2 models)", ()),
+                           ("effnet evaluate stage, data.hold_mb=0 (streamed)", ("data.hold_mb=0",))):
+            rate, model_only = bench.effnet_evaluate_stage(shards, ws / "trained", *sets)
+            bench.record(f"model inference over the same passes ({what})", model_only)
+            bench.record(what, rate, ref=f"model inference over the same passes ({what})")
     by = {r["what"]: r["img_s"] for r in bench.rows}
     for r in bench.rows:
         r["ratio"] = round(r["img_s"] / by[r["ref"]], 3) if r["ref"] else None
     ratios = {"effnet train / ceiling": by["effnet train (steady state)"] / by[ceiling],
               "effnet train / timm loop": by["effnet train (steady state)"] / by["timm loop (timm defaults: NCHW fp32)"],
-              "evaluate loop / model inference": by["effnet evaluate loop"] / by[best_infer]}
+              "evaluate loop / model inference": by["effnet evaluate loop"] / by[best_infer],
+              "evaluate stage / model inference": by["effnet evaluate stage (sweep, 2 models)"] / by[
+                  "model inference over the same passes (effnet evaluate stage (sweep, 2 models))"]}
     # Where the cores are all the model's, the loader's CPU time adds to each step's: the best a training loop can
     # do is then both in turn. effnet train against that bound says what is left besides the loader's work.
     serial = 1 / (1 / by[ceiling] + 1 / by["loader alone (decode + augment, 1 process)"])

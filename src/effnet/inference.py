@@ -16,25 +16,25 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
 
 from effnet.data import transforms
 from effnet.data.feed import DeviceFeed
-from effnet.data.stream import DevicePrefetcher, eval_loader
+from effnet.data.stream import DevicePrefetcher, HeldSplit, eval_loader, worker_nice
 from effnet.models import Preprocessing
-
 
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, batch_size: int, num_workers: int,
              extra: Sequence[Metric] = (), feed: DeviceFeed | None = None, device: torch.device | str = "cpu",
-             split: str = "val", keep: Callable[[str], bool] | None = None, max_batches: int | None = None
-             ) -> dict[str, float]:
+             split: str = "val", keep: Callable[[str], bool] | None = None, max_batches: int | None = None,
+             held: HeldSplit | None = None) -> dict[str, float]:
     """Top-1 and top-5 (in %) of `model` over SPLIT (the samples KEEP accepts, by key, when given; their first
     MAX_BATCHES batches when given) with preprocessing PRE, on DEVICE, the batches finished there by FEED (default:
-    the CPU decode path's). EXTRA metrics (torchmetrics, e.g. `ClassStats`) are updated with the same logits and
-    labels in the same pass."""
+    the CPU decode path's); HELD: those images already held in memory (`HeldSplit`). EXTRA metrics (torchmetrics,
+    e.g. `ClassStats`) are updated with the same logits and labels in the same pass."""
     device = torch.device(device)
     n = model.get_classifier().out_features
     top1, top5 = MulticlassAccuracy(n, average="micro"), MulticlassAccuracy(n, top_k=min(5, n), average="micro")
     metrics = [m.to(device) for m in (top1, top5, *extra)]
     model.eval()
-    for logits, y in forward(model, pre, shards, batch_size, num_workers, feed, device, split, keep, max_batches):
+    for logits, y in forward(model, pre, shards, batch_size, num_workers, feed, device, split, keep, max_batches,
+                             held=held):
         for metric in metrics:
             metric.update(logits, y)
     return {"top1": round(100 * top1.compute().item(), 4), "top5": round(100 * top5.compute().item(), 4)}
@@ -43,18 +43,23 @@ def accuracy(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, bat
 def forward(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, batch_size: int, num_workers: int,
             feed: DeviceFeed | None = None, device: torch.device | str = "cpu", split: str = "val",
             keep: Callable[[str], bool] | None = None, max_batches: int | None = None,
-            bf16: bool | None = None) -> Iterator[tuple]:
+            bf16: bool | None = None, held: HeldSplit | None = None) -> Iterator[tuple]:
     """(float32 logits, labels) of MODEL, in the mode the caller left it, over the first MAX_BATCHES batches of
-    SPLIT with eval preprocessing PRE (see `accuracy`); in the FEED's memory format; in bf16 autocast with BF16
-    (None: on CUDA, where it is 2x faster; on the CPU it is not)."""
+    SPLIT with eval preprocessing PRE (see `accuracy`; from HELD when given and the feed takes decoded images); in
+    the FEED's memory format; in bf16 autocast with BF16 (None: on CUDA, where it is 2x faster; on the CPU it is
+    not)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     bf16 = cuda if bf16 is None else bf16
     feed = feed or DeviceFeed(pre.mean, pre.std, channels_last=cuda)
     model.to(device, memory_format=torch.channels_last if feed.channels_last else torch.preserve_format)
-    loader = eval_loader(shards, None if feed.decodes else transforms.eval_transform(pre, uint8=True), batch_size,
-                         num_workers, split, pin_memory=cuda, keep=keep)
-    batches = DevicePrefetcher(loader, feed, False, device)
+    if held is not None and not feed.decodes:
+        loader, threaded = held.batches(pre, batch_size), False
+    else:
+        loader = eval_loader(shards, None if feed.decodes else transforms.eval_transform(pre, uint8=True),
+                             batch_size, num_workers, split, pin_memory=cuda, keep=keep, nice=worker_nice(device))
+        threaded = num_workers == 0
+    batches = DevicePrefetcher(loader, feed, False, device, threaded=threaded)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for x, y, _ in itertools.islice(batches, max_batches):
             yield model(x).float(), y

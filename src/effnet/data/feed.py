@@ -122,7 +122,8 @@ def data_module(params: Params, shards: str | Path, pre: Preprocessing, train_tf
     for validation), the device half of the configured data path, the `data.holdout` share of train left out."""
     return ShardDataModule(shards, train_tf, transforms.eval_transform(pre, uint8=True), batch_size,
                            params.data.num_workers, params.data.shuffle_buffer,
-                           for_params(params, pre, channels_last, augment), seed, holdout=params.data.holdout)
+                           for_params(params, pre, channels_last, augment), seed, holdout=params.data.holdout,
+                           val_pre=pre, hold_mb=params.data.hold_mb)
 
 
 def for_inference(params: Params, pre: Preprocessing) -> tuple[DeviceFeed, torch.device]:

@@ -12,6 +12,7 @@ batch to a device feed (`effnet.data.feed`: normalise uint8 images, or decode an
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import io
@@ -35,8 +36,9 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
-from effnet.data import manifest
+from effnet.data import manifest, transforms
 from effnet.data.gpu import collate_jpeg
+from effnet.models import Preprocessing
 
 log = logging.getLogger(__name__)
 _GOPEN = importlib.import_module("webdataset.gopen")  # the module: `wds.gopen` is its function
@@ -75,6 +77,24 @@ def decode(sample: dict, draft: int | None = None) -> Image.Image:
 
 
 PREFETCH = 2  # batches each loader worker works ahead (the DataLoader's prefetch_factor)
+# Loader workers' nice increment where the model runs on the CPU: its ops split over every core and wait for the
+# slowest, so a worker holding 40 % of one core slowed a model-only step by a third; at nice 19 it ran in the
+# step's gaps and cost 4 % (bench/cpu_bench.py, 2 cores). On an accelerator the workers keep their priority.
+CPU_WORKER_NICE = 19
+
+
+def _nice_worker(nice: int, _worker_id: int) -> None:
+    os.nice(nice)
+
+
+def _lower_priority(nice: int):
+    """A DataLoader worker_init_fn (picklable, for any start method): the worker gives way to the training process
+    by NICE (see CPU_WORKER_NICE)."""
+    return functools.partial(_nice_worker, nice) if nice else None
+
+
+def worker_nice(device) -> int:
+    return CPU_WORKER_NICE if torch.device(device).type == "cpu" else 0
 
 
 @dataclass
@@ -277,14 +297,14 @@ def epoch_steps(total: int, batch_size: int, world_size: int, accumulate: int = 
 def train_loader(shards: str | Path, transform, batch_size: int, num_workers: int, shuffle_buffer: int,
                  world_size: int = 1, seed: int = 0, draft: int | None = None, pin_memory: bool = False,
                  rank: int | None = None, accumulate: int = 1, resume: StreamState | None = None,
-                 holdout: float = 0.0) -> TrainLoader:
+                 holdout: float = 0.0, nice: int = 0) -> TrainLoader:
     """Batches of (images, labels, Advance); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`).
     The HOLDOUT share of the samples (`manifest.in_holdout`) is left out.
 
     The stream is a function of `seed` (see `TrainStream`), and the workers' augmentations are seeded by the
     DataLoader from torch's RNG (which `pl.seed_everything` sets), so a run with loader workers repeats batch for
     batch; with `resume` (a `StreamState` of this rank's stream, same steps and workers) it continues where that
-    was. Workers: at most one per batch of the epoch."""
+    was. Workers: at most one per batch of the epoch, at a lower priority by NICE."""
     total = manifest.read_manifest(shards)["splits"]["train"]["total"]
     steps = epoch_steps(round(total * (1 - holdout)), batch_size, world_size, accumulate)
     workers = min(num_workers, steps)
@@ -297,15 +317,17 @@ def train_loader(shards: str | Path, transform, batch_size: int, num_workers: in
     stream = TrainStream(shard_urls(shards, "train"), transform, batch_size, shuffle_buffer, seed, rank, steps,
                          draft, resume, holdout)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=pin_memory, prefetch_factor=PREFETCH if workers else None)
+                                         pin_memory=pin_memory, prefetch_factor=PREFETCH if workers else None,
+                                         worker_init_fn=_lower_priority(nice))
     state = StreamState(steps, workers) if resume is None else StreamState.from_dict(resume.to_dict())
     return TrainLoader(loader, state)
 
 
 def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int, split: str = "val",
-                pin_memory: bool = False, keep: Callable[[str], bool] | None = None) -> wds.WebLoader:
+                pin_memory: bool = False, keep: Callable[[str], bool] | None = None, nice: int = 0
+                ) -> wds.WebLoader:
     """Batches of (images, labels, keys) of SPLIT (only the samples whose key KEEP accepts, when given); with
-    transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`).
+    transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`). Workers run at a lower priority by NICE.
 
     Under torch.distributed every sample goes to exactly one rank: whole shards per rank when there are at least
     as many shards as ranks; otherwise every rank reads all shards and keeps every world_size-th sample (so no
@@ -325,7 +347,63 @@ def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int
     else:
         ds = (ds.map_tuple(lambda jpg: transform(decode({"jpg": jpg})), int, str)
               .batched(batch_size, partial=True))
-    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         worker_init_fn=_lower_priority(nice))
+
+
+MIB = 2 ** 20
+
+
+class HeldSplit:
+    """A split's images (those KEEP accepts, the first LIMIT), decoded once and held in memory, for a stage that
+    measures them many times (evaluate's sweep, fixres's resolution choice): each pass then only resizes and crops
+    them, in the consumer's process, and passes at the same preprocessing (two models at one resolution) reuse
+    the last pass's batches. Streaming them from the shards instead repeats the decoding every pass, in loader
+    workers that take the CPU from the model (on a CPU, a pass took 1.6x the model's own time)."""
+
+    def __init__(self, images: list, labels: list[int], keys: list[str]):
+        self.images, self.labels, self.keys = images, labels, keys
+        self._last: tuple | None = None  # (preprocessing, batch size, batches)
+
+    @classmethod
+    def load(cls, shards: str | Path, split: str = "val", keep: Callable[[str], bool] | None = None,
+             limit: int | None = None, budget_mb: int = 2048) -> HeldSplit | None:
+        """The split decoded, in shard order; None where its decoded images would pass BUDGET_MB (estimated
+        from the first images against the split's size in the manifest): a caller then streams it."""
+        total = manifest.read_manifest(shards)["splits"][split]["total"]
+        expected, held, used = min(total, limit or total), cls([], [], []), 0
+        samples = wds.WebDataset(shard_urls(shards, split), shardshuffle=False, empty_check=False)
+        if keep is not None:
+            samples = samples.select(lambda sample: keep(sample["__key__"]))
+        for jpg, label, key in samples.to_tuple("jpg", "cls", "__key__"):
+            if len(held.keys) == limit:
+                break
+            image = decode({"jpg": jpg})
+            used += image.width * image.height * len(image.getbands())
+            seen = len(held.keys) + 1
+            if used > budget_mb * MIB or (seen == 32 and used / seen * expected > budget_mb * MIB):
+                log.info("%s: %s's decoded images would take over data.hold_mb = %d MiB: streamed each pass",
+                         shards, split, budget_mb)
+                return None
+            held.images.append(image)
+            held.labels.append(int(label))
+            held.keys.append(str(key))
+        return held
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batches(self, pre: Preprocessing, batch_size: int) -> list[tuple]:
+        """(uint8 NCHW images, labels, keys) batches with PRE's eval preprocessing, as `stream.eval_loader` makes."""
+        if self._last is None or self._last[:2] != (pre, batch_size):
+            transform = transforms.eval_transform(pre, uint8=True)
+            batches = []
+            for start in range(0, len(self), batch_size):
+                end = start + batch_size
+                images = torch.stack([transform(image) for image in self.images[start:end]])
+                batches.append((images, torch.tensor(self.labels[start:end]), self.keys[start:end]))
+            self._last = (pre, batch_size, batches)
+        return self._last[2]
 
 
 class DevicePrefetcher:
@@ -333,11 +411,13 @@ class DevicePrefetcher:
 
     On CUDA the feed runs on a side stream and each batch carries an event the consumer's stream waits for, so
     the copies, decoding and augmentation of the next batches overlap the training step (their host-side work
-    too: torch releases the GIL inside its ops). On other devices it is the same thread and queue, no streams.
+    too: torch releases the GIL inside its ops). On other devices it is the same thread and queue, no streams;
+    with `threaded=False`, no thread: the feed runs in the consumer's, between steps (on a CPU whose cores the
+    step already fills, where loader workers work ahead anyway, a second thread's ops only slow the step's down).
     Sized when the loader is, as Lightning wants for its epoch length."""
 
-    def __init__(self, loader, feed, train: bool, device, depth: int = 2):
-        self.loader, self.feed, self.train, self.depth = loader, feed, train, depth
+    def __init__(self, loader, feed, train: bool, device, depth: int = 2, threaded: bool = True):
+        self.loader, self.feed, self.train, self.depth, self.threaded = loader, feed, train, depth, threaded
         self.device = torch.device(device)
 
     def __len__(self) -> int:
@@ -345,6 +425,9 @@ class DevicePrefetcher:
 
     def __iter__(self):
         cuda = self.device.type == "cuda"
+        if not (self.threaded or cuda):
+            yield from (self.feed(batch, self.train, self.device) for batch in self.loader)
+            return
         ready: queue.Queue = queue.Queue(self.depth)
         stop = threading.Event()
 
@@ -411,9 +494,11 @@ class ShardDataModule(pl.LightningDataModule):
     stream from there (same world size and loader workers; otherwise it starts afresh, with a warning)."""
 
     def __init__(self, shards: str | Path, train_tf, val_tf, batch_size: int, num_workers: int, shuffle_buffer: int,
-                 feed, seed: int = 0, draft: int | None = None, holdout: float = 0.0):
+                 feed, seed: int = 0, draft: int | None = None, holdout: float = 0.0,
+                 val_pre: Preprocessing | None = None, hold_mb: int = 0):
         super().__init__()
-        self.holdout = holdout
+        self.holdout, self.val_pre, self.hold_mb = holdout, val_pre, hold_mb
+        self._held_val: HeldSplit | None | bool = None  # False: too big to hold
         self.shards, self.train_tf, self.val_tf, self.feed = _root(shards), train_tf, val_tf, feed
         self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
         self.draft = draft
@@ -436,14 +521,23 @@ class ShardDataModule(pl.LightningDataModule):
         loader = train_loader(self.shards, None if self.feed.decodes else self.train_tf, self.batch_size,
                               self.num_workers, self.shuffle_buffer, world, self.seed, self.draft,
                               pin_memory=self.device.type == "cuda", rank=rank, accumulate=accumulate,
-                              resume=self._resume(world, rank), holdout=self.holdout)
+                              resume=self._resume(world, rank), holdout=self.holdout, nice=worker_nice(self.device))
         self.stream = loader.state
-        return DevicePrefetcher(loader, self.feed, True, self.device)
+        return self._prefetched(loader, train=True)
 
     def val_dataloader(self):
+        if self.val_pre is not None and not self.feed.decodes and (self.trainer is None or self.trainer.world_size == 1):
+            if self._held_val is None:  # validated every epoch: decoded once, held in memory where it fits
+                self._held_val = HeldSplit.load(self.shards, "val", budget_mb=self.hold_mb) or False
+            if self._held_val:
+                return DevicePrefetcher(self._held_val.batches(self.val_pre, self.batch_size), self.feed, False,
+                                        self.device, threaded=False)
         loader = eval_loader(self.shards, None if self.feed.decodes else self.val_tf, self.batch_size,
-                             self.num_workers, pin_memory=self.device.type == "cuda")
-        return DevicePrefetcher(loader, self.feed, False, self.device)
+                             self.num_workers, pin_memory=self.device.type == "cuda", nice=worker_nice(self.device))
+        return self._prefetched(loader, train=False)
+
+    def _prefetched(self, loader, train: bool) -> DevicePrefetcher:
+        return DevicePrefetcher(loader, self.feed, train, self.device, threaded=self.num_workers == 0)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """A training batch is about to be trained on: advance the stream's state, and drop its `Advance`."""

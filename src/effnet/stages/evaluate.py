@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from effnet import io, models, plots, tracking
 from effnet.config import Params
 from effnet.data import feed
+from effnet.data.stream import HeldSplit
 from effnet.data.manifest import read_manifest
 from effnet.inference import ClassStats, accuracy, confusion_rows
 
@@ -97,14 +98,19 @@ def measure(params: Params, shards: str | Path, bundles: dict[str, Path]) -> Eva
     decode = feed.resolve_decode(params.data.decode, params.train.accelerator)  # warns once, not per size
     params = params.model_copy(update={"data": params.data.model_copy(update={"decode": decode})})
 
+    # The sweep reads val once per candidate: decoded once and held in memory where it fits (CPU decoding).
+    val = HeldSplit.load(shards, "val", budget_mb=params.data.hold_mb) if decode == "cpu" else None
+
     def score(label: str, size: int, split: str = "val", extra=()) -> dict[str, float]:
         model, spec = loaded[label]
         pre = spec.preprocessing.at(size)
         fed, device = feed.for_inference(params, pre)
         return accuracy(model, pre, shards, params.evaluate.batch_size, params.data.num_workers, extra, fed, device,
-                        split)
+                        split, held=val if split == "val" else None)
 
-    sweep = {label: {size: score(label, size) for size in sizes} for label in loaded}
+    # size by size: the models at one size share its batches
+    by_size = {size: {label: score(label, size) for label in loaded} for size in sizes}
+    sweep = {label: {size: by_size[size][label] for size in sizes} for label in loaded}
     selected = select(sweep, list(loaded))
     reported_on = "test" if "test" in read_manifest(shards)["splits"] else "val"
     stats = ClassStats(loaded[selected.model][1].classes)

@@ -32,6 +32,7 @@ from torch import nn
 from effnet import inference, lightning, models, tracking
 from effnet.config import Params
 from effnet.data import feed, transforms
+from effnet.data.stream import HeldSplit
 from effnet.data.manifest import in_holdout, read_manifest
 
 log = logging.getLogger(__name__)
@@ -143,12 +144,13 @@ def choose(params: Params, model: nn.Module, spec: models.ModelSpec, shards: str
             how, sizes = f"scale (too few held out: {held} < {cfg.min_holdout})", [fallback]
         return Choice(img_size=sizes[0], scope="last", how=how)
     scores: dict[str, dict[int, float]] = {scope: {} for scope in SCOPES}
+    images = held_images(params, shards)  # each is read once per candidate: decoded once
     for size in sizes:
         pre = spec.preprocessing.at(size)
         for scope in SCOPES:
             candidate = copy.deepcopy(model)
-            adapt_batchnorm(candidate, pre, shards, params, scope)
-            scores[scope][size] = holdout_top1(candidate, pre, shards, params)
+            adapt_batchnorm(candidate, pre, shards, params, scope, images["trained_on"])
+            scores[scope][size] = holdout_top1(candidate, pre, shards, params, images["held_out"])
             log.info("fixres: %d px, %s BatchNorm re-estimated: held-out top-1 %.2f %%", size, scope,
                      scores[scope][size])
     best = max(((scope, size) for scope in SCOPES for size in sizes),
@@ -157,11 +159,22 @@ def choose(params: Params, model: nn.Module, spec: models.ModelSpec, shards: str
 
 
 @torch.no_grad()
+def held_images(params: Params, shards: str | Path) -> dict[str, HeldSplit | None]:
+    """The images `adapt_batchnorm` ("trained_on") and `holdout_top1` ("held_out") read, held in memory where they
+    fit (with CPU decoding; else None: streamed)."""
+    if feed.resolve_decode(params.data.decode, params.train.accelerator) != "cpu":
+        return {"trained_on": None, "held_out": None}
+    fraction, limit = params.data.holdout, _max_batches(params) * params.evaluate.batch_size
+    return {name: HeldSplit.load(shards, "train", keep, limit, params.data.hold_mb)
+            for name, keep in (("trained_on", lambda key: not in_holdout(key, fraction)),
+                               ("held_out", lambda key: in_holdout(key, fraction)))}
+
+
 def adapt_batchnorm(model: nn.Module, pre: models.Preprocessing, shards: str | Path, params: Params,
-                    scope: str = "all") -> None:
+                    scope: str = "all", held: HeldSplit | None = None) -> None:
     """The running statistics of the last BatchNorm (scope "last") or of every one ("all") re-estimated at PRE's
-    resolution, as the exact mean over the training images (not those held out) with test-time preprocessing;
-    weights untouched, the model left in eval mode."""
+    resolution, as the exact mean over the training images (not those held out; HELD: those images in memory)
+    with test-time preprocessing; weights untouched, the model left in eval mode."""
     norms = [model.bn2] if scope == "last" else [
         m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -172,18 +185,21 @@ def adapt_batchnorm(model: nn.Module, pre: models.Preprocessing, shards: str | P
         norm.train()
     trained_on = params.data.holdout
     for _ in inference.forward(**_source(model, pre, shards, params), split="train",
-                               keep=lambda key: not in_holdout(key, trained_on), max_batches=_max_batches(params)):
+                               keep=lambda key: not in_holdout(key, trained_on), max_batches=_max_batches(params),
+                               held=held):
         pass
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.eval()
 
 
-def holdout_top1(model: nn.Module, pre: models.Preprocessing, shards: str | Path, params: Params) -> float:
-    """Top-1 (%) on the training images no stage trains on (`data.holdout`)."""
+def holdout_top1(model: nn.Module, pre: models.Preprocessing, shards: str | Path, params: Params,
+                 held: HeldSplit | None = None) -> float:
+    """Top-1 (%) on the training images no stage trains on (`data.holdout`; HELD: those images in memory)."""
     held_out = params.data.holdout
     return inference.accuracy(**_source(model, pre, shards, params), split="train",
-                              keep=lambda key: in_holdout(key, held_out), max_batches=_max_batches(params))["top1"]
+                              keep=lambda key: in_holdout(key, held_out), max_batches=_max_batches(params),
+                              held=held)["top1"]
 
 
 def log_choice(run_id: str, choice: Choice, holdout: dict[str, float], fine_tuned: bool) -> None:
