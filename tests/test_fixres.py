@@ -206,3 +206,33 @@ def test_training_never_sees_the_held_out_samples(shards_dir):
     seen = {bytes(b) for _ in range(3) for (flat, sizes), _, _ in loader for b in gpu.unpack(flat, sizes)}
     assert seen and not seen & held
     assert len(loader) == round(total * 0.7) // 4
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "fixres"])
+def test_held_in_memory_or_streamed_the_stages_measure_the_same(tiny_params, shards_dir, workspace, stage,
+                                                                monkeypatch):
+    """evaluate's sweep and fixres's choice read their images many times: decoded once and held in memory
+    (data.hold_mb, the default: no pass streams the shards) or streamed from the shards every pass (0), the
+    figures are the same."""
+    _untrained_bundle(tiny_params, workspace / "trained")
+    streamed_passes = []
+    eval_loader = inference.eval_loader
+    monkeypatch.setattr(inference, "eval_loader", lambda *a, **kw: streamed_passes.append(a) or eval_loader(*a, **kw))
+    figures, passes = [], []
+    for hold_mb in (tiny_params.data.hold_mb, 0):
+        streamed_passes.clear()
+        params = tiny_params.model_copy(update={
+            "data": tiny_params.data.model_copy(update={"holdout": 0.3, "hold_mb": hold_mb}),
+            "fixres": tiny_params.fixres.model_copy(update={"img_size": "auto", "min_holdout": 10,
+                                                             "candidates": [1.0, 1.25]}),
+            "evaluate": tiny_params.evaluate.model_copy(update={"sweep": [0.75, 1.25]})})
+        if stage == "evaluate":
+            evaluation = evaluate.measure(params, shards_dir, {"a": workspace / "trained", "b": workspace / "trained"})
+            figures.append((evaluation.sweep, evaluation.reported))
+        else:
+            model, spec = models.load_bundle(workspace / "trained")
+            figures.append(fixres.choose(params, model, spec, shards_dir).scores)
+        passes.append(len(streamed_passes))
+    assert figures[0] == figures[1]
+    # streamed: evaluate, 2 models x 3 sizes + the selected one's report; fixres, 2 sizes x 2 scopes x 2 passes
+    assert passes[0] == 0 and passes[1] == (7 if stage == "evaluate" else 8)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -154,3 +155,40 @@ def test_a_resumed_stream_does_not_decode_the_samples_it_skips(shards_dir):
     rest = _epochs(resumed, 1)
     assert [y.tolist() for _, y, _ in rest] == [y.tolist() for _, y, _ in whole[4:]]
     assert len(rest) * 16 <= len(decoded) <= len(rest) * 16 + 1  # (the batcher may read one sample ahead)
+
+
+def test_a_held_split_gives_the_batches_the_stream_gives(shards_dir):
+    """Held in memory (decoded once) or streamed from the shards: the same images, labels and keys, in order;
+    a second pass at the same preprocessing reuses the batches, another preprocessing makes new ones."""
+    held = stream.HeldSplit.load(shards_dir, "val")
+    assert len(held) == read_manifest(shards_dir)["splits"]["val"]["total"]
+    streamed = list(stream.eval_loader(shards_dir, transforms.eval_transform(PRE, uint8=True), 5, 0))
+    batches = held.batches(PRE, 5)
+    assert len(batches) == len(streamed)
+    for (x, y, keys), (sx, sy, skeys) in zip(batches, streamed):
+        assert torch.equal(x, sx) and torch.equal(y, torch.as_tensor(sy)) and list(keys) == list(skeys)
+    assert held.batches(PRE, 5) is batches
+    bigger = held.batches(PRE.at(40), 5)
+    assert bigger is not batches and bigger[0][0].shape[-2:] == (40, 40)
+
+
+def test_a_split_over_the_memory_budget_is_not_held(shards_dir):
+    assert stream.HeldSplit.load(shards_dir, "val", budget_mb=0) is None
+    keep = stream.HeldSplit.load(shards_dir, "train", keep=lambda key: key.endswith("1"), limit=3)
+    assert len(keep) == 3 and all(key.endswith("1") for key in keep.keys)
+
+
+def _priority(_image) -> torch.Tensor:
+    return torch.tensor(os.getpriority(os.PRIO_PROCESS, 0))
+
+
+@pytest.mark.parametrize("device, lower", [("cpu", stream.CPU_WORKER_NICE), ("meta", 0)])
+def test_loader_workers_give_way_to_a_model_on_the_cpu(shards_dir, device, lower):
+    """Where the model runs on the CPU, loader workers run at a lower priority, so that they take only what the
+    step leaves; feeding an accelerator, they keep the training process's."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    nice = stream.worker_nice(device)
+    priorities, _, _ = next(iter(stream.eval_loader(shards_dir, _priority, 4, 1, nice=nice)))
+    assert priorities.tolist() == [min(19, own + lower)] * len(priorities)
+    train = stream.train_loader(shards_dir, _priority, 4, 1, 8, nice=nice)
+    assert next(iter(train))[0].tolist() == [min(19, own + lower)] * 4
