@@ -160,7 +160,7 @@ class Bench:
         """The evaluate stage's measuring (`evaluate.measure`) of two bundles (BUNDLE twice, as trained and fixres
         are two models of one preprocessing) over its resolution sweep: (image passes per second, the same passes
         at model-only inference speed, channels_last, measured here at each size)."""
-        params = config.load(self.args.params, [*self.args.overrides, *self.dry, *sets])
+        params = config.load(self.args.params, [*self.args.overrides, *sets])
         t = time.perf_counter()
         evaluation = evaluate.measure(params, shards, {"trained": bundle, "fixres": bundle})
         wall = time.perf_counter() - t
@@ -215,17 +215,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="tiny data and model")
     args = ap.parse_args(argv)
     env.configure()
-    overrides = list(args.overrides)
-    dry = []
     if args.dry_run:
-        dry += ["variants={tiny: {phi: -6}}", "demo_data.classes=4", "demo_data.train_per_class=32",
-                      "demo_data.val_per_class=8", "demo_data.image_size=48", "train.img_size=32",
-                      "train.batch_size=16", "evaluate.batch_size=32"]
+        args.overrides += ["variants={tiny: {phi: -6}}", "demo_data.classes=4", "demo_data.train_per_class=32",
+                           "demo_data.val_per_class=8", "demo_data.image_size=48", "train.img_size=32",
+                           "train.batch_size=16", "evaluate.batch_size=32"]
         args.epochs, args.warmup, args.steps = 2, 1, 2
-    params = config.load(args.params, overrides + dry)
+    params = config.load(args.params, args.overrides)
     key = args.variant or next(iter(params.variants))
     bench = Bench(params, key, args)
-    bench.dry = dry
     info = dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                 threads=torch.get_num_threads(), variant=bench.variant.name, img_size=bench.size, batch=bench.batch,
                 workers=params.data.num_workers, epochs=args.epochs, dry_run=args.dry_run)

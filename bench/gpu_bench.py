@@ -171,7 +171,7 @@ class Bench:
         fed = feed.GpuPreprocess(pre, "original", (0.08, 1.0), channels_last=self.cuda) if decode == "gpu" \
             else feed.DeviceFeed(pre.mean, pre.std, channels_last=self.cuda)
         dm = stream.ShardDataModule(shards, transforms.train_transform(pre, "original", uint8=True),
-                                    transforms.eval_transform(pre, uint8=True), b, self.args.workers,
+                                    pre, b, self.args.workers,
                                     self.args.shuffle_buffer, fed)
         module = Classifier(model, classes, dict(OPT), None, 0.1, ema_decay=0.9999, compile=compiled)
         warm, steps = self.args.warmup, self.args.steps

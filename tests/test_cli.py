@@ -43,6 +43,16 @@ def test_repo_params_yaml_is_valid():
     assert params.variants and all(params.variant(k) for k in params.variants)
 
 
+@pytest.mark.parametrize("given", [{}, {"num_workers": "auto"}])
+def test_auto_loader_workers_are_one_per_usable_core_at_most_8_set_or_left_out(given):
+    """`data.num_workers: auto` and the key left out (params built in code) both come to a count, never the string."""
+    import os
+
+    from effnet.config import DataConfig
+    assert DataConfig(**given).num_workers == min(8, len(os.sched_getaffinity(0)))
+    assert DataConfig(num_workers=0).num_workers == 0
+
+
 def test_train_hands_itself_to_the_launcher_and_waits(tmp_path, monkeypatch):
     """$EFFNET_LAUNCHER (here a script that records how it was called): `effnet train` checks its params, runs
     `python -m effnet train ...` through it, without the variable (its processes do not launch again), and

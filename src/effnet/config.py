@@ -73,7 +73,7 @@ class DataConfig(Section):
     # loader processes decoding and augmenting images (0: in the training process). auto: one per core, at most 8.
     # Training on the CPU they run at nice 19, in the step's gaps (2 cores: 2 workers 5-8 % faster than 1, 1.15x
     # 0 workers: bench/cpu_bench.py)
-    num_workers: Annotated[int, Field(ge=0)] = "auto"
+    num_workers: int = Field(default_factory=auto_workers, ge=0)
 
     @field_validator("num_workers", mode="before")
     @classmethod

@@ -2,7 +2,8 @@
 per-class figures (confusion matrix, precision, recall).
 
 Stages run the model channels_last (`feed.for_inference`), on CUDA in bf16 autocast, fed by the same device path
-as training; eager: the evaluate stage's sweep runs each model at many resolutions, where compiling each would cost more than it saves."""
+as training; eager: the evaluate stage's sweep runs each model at many resolutions, where compiling each would cost
+more than it saves."""
 from __future__ import annotations
 
 import itertools
@@ -18,6 +19,7 @@ from effnet.data import transforms
 from effnet.data.feed import DeviceFeed
 from effnet.data.stream import DevicePrefetcher, HeldSplit, eval_loader, worker_nice
 from effnet.models import Preprocessing
+
 
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, batch_size: int, num_workers: int,

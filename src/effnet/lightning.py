@@ -52,8 +52,8 @@ class Classifier(pl.LightningModule):
     checkpoints carry it. With `regularise` (random erasing, Mixup/CutMix), training batches go through it first;
     mixed soft targets are trained against with timm's SoftTargetCrossEntropy (the smoothing is in the targets).
     With `channels_last`, the model (and so its EMA copy) is converted to NHWC; with `compile`, its forward is
-    torch.compile'd in place (state_dict keys unchanged), after the EMA has copied it. `speedups` gives both from
-    the train config."""
+    torch.compile'd in place (state_dict keys unchanged), after the EMA has copied it. `speed_settings` gives both
+    from the train config."""
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: dict, schedule: dict | None,
                  label_smoothing: float, trainable: list[str] | None = None, ema_decay: float | None = None,
@@ -215,16 +215,6 @@ def speed_settings(cfg: TrainConfig) -> dict:
     return dict(channels_last=auto["channels_last"] if cfg.channels_last == "auto" else bool(cfg.channels_last),
                 compile=auto["compile"] if cfg.compile == "auto" else bool(cfg.compile),
                 precision=cfg.precision or auto["precision"])
-
-
-def precision_for(cfg: TrainConfig) -> str:
-    return speed_settings(cfg)["precision"]
-
-
-def speedups(cfg: TrainConfig) -> dict[str, bool]:
-    """Classifier's compile and channels_last settings from the train config (see AUTO)."""
-    chosen = speed_settings(cfg)
-    return dict(compile=chosen["compile"], channels_last=chosen["channels_last"])
 
 
 def log_speed_settings(cfg: TrainConfig) -> dict:
@@ -412,7 +402,7 @@ def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None,
     try:
         trainer = pl.Trainer(
             max_epochs=epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-            strategy=cfg.strategy, precision=precision_for(cfg), logger=False, callbacks=callbacks,
+            strategy=cfg.strategy, precision=speed_settings(cfg)["precision"], logger=False, callbacks=callbacks,
             enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar,
             log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False, default_root_dir=".lightning",
             accumulate_grad_batches=accumulate, plugins=[GlobalBatchNorm()] if sync_bn else None,

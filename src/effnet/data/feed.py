@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from effnet.config import Params
-from effnet.data import gpu, transforms
+from effnet.data import gpu
 from effnet.data.batch_augment import BatchAugment
 from effnet.data.stream import ShardDataModule
 from effnet.models import Preprocessing
@@ -120,10 +120,9 @@ def data_module(params: Params, shards: str | Path, pre: Preprocessing, train_tf
                 channels_last: bool, augment: bool = True) -> ShardDataModule:
     """A training stage's DataModule: the workers' uint8 transforms (TRAIN_TF for training, timm's eval transform
     for validation), the device half of the configured data path, the `data.holdout` share of train left out."""
-    return ShardDataModule(shards, train_tf, transforms.eval_transform(pre, uint8=True), batch_size,
-                           params.data.num_workers, params.data.shuffle_buffer,
+    return ShardDataModule(shards, train_tf, pre, batch_size, params.data.num_workers, params.data.shuffle_buffer,
                            for_params(params, pre, channels_last, augment), seed, holdout=params.data.holdout,
-                           val_pre=pre, hold_mb=params.data.hold_mb)
+                           hold_mb=params.data.hold_mb)
 
 
 def for_inference(params: Params, pre: Preprocessing) -> tuple[DeviceFeed, torch.device]:

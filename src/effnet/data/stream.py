@@ -486,20 +486,21 @@ class DevicePrefetcher:
 class ShardDataModule(pl.LightningDataModule):
     """Train and val loaders over the shards, each batch finished on the training device by `feed` (a
     `feed.DeviceFeed`) through a `DevicePrefetcher`. With a feed that decodes (`GpuPreprocess`), the workers only
-    read JPEG bytes and train_tf/val_tf are not used; otherwise they decode and transform to uint8 images
-    (`transforms.*(..., uint8=True)`).
+    read JPEG bytes and train_tf/val_pre are not used; otherwise they decode and transform to uint8 images
+    (`transforms.*(..., uint8=True)`: train_tf, and val_pre's eval transform). Single-process, val is decoded once
+    and held in memory where it fits in HOLD_MB (`HeldSplit`), since it is validated every epoch.
 
     The training stream is resumable: each training batch advances `stream` (a `StreamState`) just before the step,
     checkpoints record every rank's (`state_dict`), and a run restored from a checkpoint continues each rank's
     stream from there (same world size and loader workers; otherwise it starts afresh, with a warning)."""
 
-    def __init__(self, shards: str | Path, train_tf, val_tf, batch_size: int, num_workers: int, shuffle_buffer: int,
-                 feed, seed: int = 0, draft: int | None = None, holdout: float = 0.0,
-                 val_pre: Preprocessing | None = None, hold_mb: int = 0):
+    def __init__(self, shards: str | Path, train_tf, val_pre: Preprocessing | None, batch_size: int, num_workers: int,
+                 shuffle_buffer: int, feed, seed: int = 0, draft: int | None = None, holdout: float = 0.0,
+                 hold_mb: int = 0):
         super().__init__()
         self.holdout, self.val_pre, self.hold_mb = holdout, val_pre, hold_mb
         self._held_val: HeldSplit | None | bool = None  # False: too big to hold
-        self.shards, self.train_tf, self.val_tf, self.feed = _root(shards), train_tf, val_tf, feed
+        self.shards, self.train_tf, self.feed = _root(shards), train_tf, feed
         self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
         self.draft = draft
         self.manifest = manifest.read_manifest(self.shards)
@@ -526,13 +527,14 @@ class ShardDataModule(pl.LightningDataModule):
         return self._prefetched(loader, train=True)
 
     def val_dataloader(self):
-        if self.val_pre is not None and not self.feed.decodes and (self.trainer is None or self.trainer.world_size == 1):
+        if not self.feed.decodes and (self.trainer is None or self.trainer.world_size == 1):
             if self._held_val is None:  # validated every epoch: decoded once, held in memory where it fits
                 self._held_val = HeldSplit.load(self.shards, "val", budget_mb=self.hold_mb) or False
             if self._held_val:
                 return DevicePrefetcher(self._held_val.batches(self.val_pre, self.batch_size), self.feed, False,
                                         self.device, threaded=False)
-        loader = eval_loader(self.shards, None if self.feed.decodes else self.val_tf, self.batch_size,
+        val_tf = None if self.feed.decodes else transforms.eval_transform(self.val_pre, uint8=True)
+        loader = eval_loader(self.shards, val_tf, self.batch_size,
                              self.num_workers, pin_memory=self.device.type == "cuda", nice=worker_nice(self.device))
         return self._prefetched(loader, train=False)
 

@@ -21,8 +21,8 @@ from pydantic import BaseModel
 from effnet import io, models, plots, tracking
 from effnet.config import Params
 from effnet.data import feed
-from effnet.data.stream import HeldSplit
 from effnet.data.manifest import read_manifest
+from effnet.data.stream import HeldSplit
 from effnet.inference import ClassStats, accuracy, confusion_rows
 
 class Candidate(BaseModel):

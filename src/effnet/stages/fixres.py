@@ -32,8 +32,8 @@ from torch import nn
 from effnet import inference, lightning, models, tracking
 from effnet.config import Params
 from effnet.data import feed, transforms
-from effnet.data.stream import HeldSplit
 from effnet.data.manifest import in_holdout, read_manifest
+from effnet.data.stream import HeldSplit
 
 log = logging.getLogger(__name__)
 TRAINABLE = ["classifier", "bn2"]  # timm EfficientNet: the head and the BatchNorm right before pooling
@@ -98,7 +98,7 @@ def run(params: Params, variant_key: str, shards: str | Path, trained: Path, out
     adapted = copy.deepcopy(model.state_dict())
     tuning = prepare(params, model, spec, choice.img_size)
     dm = feed.data_module(params, shards, pre, transforms.fixres_transform(pre, uint8=True), cfg.batch_size,
-                          cfg.seed, lightning.speedups(params.train)["channels_last"], augment=False)
+                          cfg.seed, lightning.speed_settings(params.train)["channels_last"], augment=False)
     logged = {**cfg.model_dump(), "img_size": pre.img_size, "train_img_size": spec.img_size,
               "trainable": TRAINABLE + cfg.unfreeze, "chosen_by": choice.how, "batchnorm_scope": choice.scope}
     hardware = params.train.model_copy(update={"seed": cfg.seed})  # train's devices and precision; fixres's own recipe
@@ -158,7 +158,6 @@ def choose(params: Params, model: nn.Module, spec: models.ModelSpec, shards: str
     return Choice(img_size=best[1], scope=best[0], how=how, scores=scores)
 
 
-@torch.no_grad()
 def held_images(params: Params, shards: str | Path) -> dict[str, HeldSplit | None]:
     """The images `adapt_batchnorm` ("trained_on") and `holdout_top1` ("held_out") read, held in memory where they
     fit (with CPU decoding; else None: streamed)."""
@@ -170,6 +169,7 @@ def held_images(params: Params, shards: str | Path) -> dict[str, HeldSplit | Non
                                ("held_out", lambda key: in_holdout(key, fraction)))}
 
 
+@torch.no_grad()
 def adapt_batchnorm(model: nn.Module, pre: models.Preprocessing, shards: str | Path, params: Params,
                     scope: str = "all", held: HeldSplit | None = None) -> None:
     """The running statistics of the last BatchNorm (scope "last") or of every one ("all") re-estimated at PRE's
@@ -229,10 +229,11 @@ def prepare(params: Params, model: nn.Module, spec: models.ModelSpec, img_size: 
     model.bn2.reset_running_stats()
     model.bn2.momentum = None
     model.bn2.__class__ = ExactMeanBatchNormAct2d
+    speed = lightning.speed_settings(params.train)
     module = lightning.Classifier(model, len(spec.classes),
                                   dict(opt="momentum", lr=params.fixres.lr, momentum=params.fixres.momentum,
                                        weight_decay=0.0),
                                   schedule=None, label_smoothing=0.0, trainable=TRAINABLE + params.fixres.unfreeze,
-                                  **lightning.speedups(params.train))
+                                  compile=speed["compile"], channels_last=speed["channels_last"])
     tuned = spec.model_copy(update={"preprocessing": spec.preprocessing.at(img_size)})
     return Tuning(module, tuned, spec.img_size)

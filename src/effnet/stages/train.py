@@ -71,13 +71,14 @@ def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
     classes = read_manifest(shards)["classes"]
     model = build_model(cfg, variant, len(classes))
     pre = models.preprocessing(model, variant, cfg.img_size)
-    speed = lightning.speedups(cfg)
+    speed = lightning.speed_settings(cfg)
     train_tf = transforms.train_transform(pre, cfg.auto_augment, cfg.crop_scale, uint8=True)
     dm = feed.data_module(params, shards, pre, train_tf, cfg.batch_size, cfg.seed, speed["channels_last"])
     smoothing = variant.recipe.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
     module = lightning.Classifier(model, len(classes), optimizer_kwargs(cfg, variant.recipe, lr),
                                   schedule_kwargs(cfg, lr), smoothing, ema_decay=cfg.ema_decay,
-                                  regularise=regularise.for_config(cfg, len(classes), smoothing), **speed)
+                                  regularise=regularise.for_config(cfg, len(classes), smoothing),
+                                  compile=speed["compile"], channels_last=speed["channels_last"])
     decode = "gpu" if dm.feed.decodes else "cpu"
     logged = {**cfg.model_dump(), "variant": variant.name, "lr_scaled": lr, "global_batch": global_batch,
               "world_size": trainer.world_size, "img_size": pre.img_size, "num_classes": len(classes),
