@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -159,7 +160,8 @@ def test_a_resumed_stream_does_not_decode_the_samples_it_skips(shards_dir):
 
 def test_a_held_split_gives_the_batches_the_stream_gives(shards_dir):
     """Held in memory (decoded once) or streamed from the shards: the same images, labels and keys, in order;
-    a second pass at the same preprocessing reuses the batches, another preprocessing makes new ones."""
+    a pass at a preprocessing made before reuses its batches while they fit in the budget beside the images, another
+    preprocessing makes new ones."""
     held = stream.HeldSplit.load(shards_dir, "val")
     assert len(held) == read_manifest(shards_dir)["splits"]["val"]["total"]
     streamed = list(stream.eval_loader(shards_dir, transforms.eval_transform(PRE, uint8=True), 5, 0))
@@ -170,6 +172,11 @@ def test_a_held_split_gives_the_batches_the_stream_gives(shards_dir):
     assert held.batches(PRE, 5) is batches
     bigger = held.batches(PRE.at(40), 5)
     assert bigger is not batches and bigger[0][0].shape[-2:] == (40, 40)
+    assert held.batches(PRE, 5) is batches and held.batches(PRE.at(40), 5) is bigger
+    images = sum(image.width * image.height * 3 for image in held.images)
+    held.budget = images + sum(x.nbytes for x, *_ in bigger) + 1  # room for one preprocessing's batches only
+    assert held.batches(PRE, 5) is batches and held.batches(PRE.at(40), 5) is bigger  # made: as they were
+    assert held.batches(PRE.at(36), 5)[0][0].shape[-2:] == (36, 36) and held.batches(PRE, 5) is not batches
 
 
 def test_a_split_over_the_memory_budget_is_not_held(shards_dir):
@@ -192,3 +199,33 @@ def test_loader_workers_give_way_to_a_model_on_the_cpu(shards_dir, device, lower
     assert priorities.tolist() == [min(19, own + lower)] * len(priorities)
     train = stream.train_loader(shards_dir, _priority, 4, 1, 8, nice=nice)
     assert next(iter(train))[0].tolist() == [min(19, own + lower)] * 4
+
+
+def _held_epochs(shards, workers: int, hold_mb: float, epochs: int = 3) -> tuple[list, stream.TrainLoader]:
+    pl.seed_everything(0, verbose=False)  # without workers, this process's RNGs drive the augmentations
+    loader = stream.train_loader(shards, transforms.train_transform(PRE, "original", uint8=True), 4, workers, 8,
+                                 hold_mb=hold_mb)
+    return [(x, y) for _ in range(epochs) for x, y, _ in loader], loader
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_held_training_split_gives_the_batches_the_stream_gives(shards_dir, workers, monkeypatch):
+    """Each loader process reads and decodes the training split once and serves it from memory after that: the
+    same images (augmented alike), labels and order, epoch after epoch, as streaming every epoch; and where the
+    split passes the budget (here after a few images), it lets go and streams on, still the same batches."""
+    decoded = []
+    real_decode = stream.decode
+    monkeypatch.setattr(stream, "decode", lambda sample, draft=None: decoded.append(1) or real_decode(sample, draft))
+    streamed, _ = _held_epochs(shards_dir, workers, hold_mb=0)
+    decoded.clear()
+    held, loader = _held_epochs(shards_dir, workers, hold_mb=64)
+    assert len(held) == len(streamed) > 0
+    assert all(torch.equal(x, sx) and torch.equal(y, sy) for (x, y), (sx, sy) in zip(held, streamed))
+    if workers == 0:  # the split is held in this process: each image was decoded once over the 3 epochs
+        total = read_manifest(shards_dir)["splits"]["train"]["total"]
+        assert loader.loader.dataset.held.on and len(decoded) == len(loader.loader.dataset.held.images) <= total
+        assert len(held) * 4 > total  # so some images were served again from memory
+    over, loader = _held_epochs(shards_dir, workers, hold_mb=0.01)
+    assert all(torch.equal(x, sx) and torch.equal(y, sy) for (x, y), (sx, sy) in zip(over, streamed))
+    if workers == 0:
+        assert not loader.loader.dataset.held.on and not loader.loader.dataset.held.images

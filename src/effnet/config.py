@@ -86,8 +86,10 @@ class DataConfig(Section):
     # cpu: workers decode and augment (portable). gpu: workers read JPEG bytes only; the CUDA device decodes them
     # in batches (nvjpeg) and crops, flips, auto-augments and normalises them; without CUDA: one warning, cpu.
     decode: Literal["cpu", "gpu"] = "cpu"
-    # a split a stage measures many times (evaluate's sweep, fixres's resolution choice) is decoded once and held in
-    # memory when its decoded images fit in this many MiB; each pass then only resizes and crops. 0: always stream
+    # a split a stage measures many times (evaluate's sweep, fixres's resolution choice, val each epoch) is decoded
+    # once and held in memory when its decoded images fit in this many MiB; each pass then only resizes and crops.
+    # The training split too, in each loader worker, which then only augments after the first epoch (the workers
+    # share the MiB). 0: always stream
     hold_mb: int = Field(default=2048, ge=0)
 
 

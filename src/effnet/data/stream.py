@@ -76,6 +76,7 @@ def decode(sample: dict, draft: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
+MIB = 2 ** 20
 PREFETCH = 2  # batches each loader worker works ahead (the DataLoader's prefetch_factor)
 # Loader workers' nice increment where the model runs on the CPU: its ops split over every core and wait for the
 # slowest, so a worker holding 40 % of one core slowed a model-only step by a third; at nice 19 it ran in the
@@ -184,11 +185,12 @@ class TrainStream(torch.utils.data.IterableDataset):
     batcher reads one sample ahead), kept so that runs repeat those of earlier versions bit for bit."""
 
     def __init__(self, urls: list[str], transform, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
-                 steps: int, draft: int | None = None, resume: StreamState | None = None, holdout: float = 0.0):
+                 steps: int, draft: int | None = None, resume: StreamState | None = None, holdout: float = 0.0,
+                 held: HeldShards | None = None):
         super().__init__()
         self.urls, self.transform, self.batch_size, self.shuffle_buffer = urls, transform, batch_size, shuffle_buffer
         self.seed, self.rank, self.steps, self.draft = seed, rank, steps, draft
-        self.resume, self.holdout = resume, holdout
+        self.resume, self.holdout, self.held = resume, holdout, held
         self._epoch: int | None = None  # per worker process: the epoch its next iteration makes
         self._position = Position()
 
@@ -236,19 +238,78 @@ class TrainStream(torch.utils.data.IterableDataset):
         """This worker's (image, label) samples of its position's epoch, from its position on, transformed."""
         key = self.rank * 1000 + worker  # webdataset's pytorch_worker_seed
         shards = _resampled(self.urls, wds.utils.make_seed(key, self._position.epoch, self.seed))
-        samples = (s for s in wds.tarfile_to_samples()(shards) if not manifest.in_holdout(s["__key__"], self.holdout))
+        held = self.held if self.transform is not None else None  # bytes for a device decoder: nothing to spare
+        read = held.samples if held else wds.tarfile_to_samples()
+        samples = (s for s in read(shards) if not manifest.in_holdout(s["__key__"], self.holdout))
         if self.shuffle_buffer >= 1:
             rng = random.Random(wds.utils.make_seed(self.seed, key))
             samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-        pairs = itertools.islice(wds.to_tuple("jpg", "cls")(samples), self._position.samples, None)
+        items = itertools.islice(wds.to_tuple("jpg", "cls", "__url__", "__key__")(samples), self._position.samples,
+                                 None)
         if self.transform is None:
-            return ((bytes(jpg), int(cls)) for jpg, cls in pairs)
-        return ((self.transform(decode({"jpg": jpg}, self.draft)), int(cls)) for jpg, cls in pairs)
+            return ((bytes(jpg), int(cls)) for jpg, cls, *_ in items)
+        if held:
+            return ((self.transform(held.image(jpg, url, key, self.draft)), int(cls)) for jpg, cls, url, key in items)
+        return ((self.transform(decode({"jpg": jpg}, self.draft)), int(cls)) for jpg, cls, *_ in items)
 
     def _collate(self, samples: list[tuple]):
         if self.transform is None:
             return collate_jpeg(samples)
         return wds.filters.default_collation_fn(samples)
+
+
+class HeldShards:
+    """One loader process's copy of the training split, filled as its stream first reads it: each shard's samples
+    are kept once read to its end, each image once decoded, and served from memory after that, in the order and
+    with the pixels that streaming gives (runs repeat streamed ones bit for bit). Training reads the same shards
+    every epoch; reading and decoding them again took a third of a loader worker's CPU, which on a CPU comes out of
+    the model's. Where the split would pass BUDGET_MB (estimated from the first images decoded against its
+    EXPECTED samples), it lets go of everything, says so once, and streams."""
+
+    ESTIMATE_AFTER = 32  # images
+
+    def __init__(self, expected: int, budget_mb: float):
+        self.expected, self.budget = expected, budget_mb * MIB
+        self.shards: dict[str, list[dict]] = {}  # url -> its samples, as webdataset reads them
+        self.images: dict[tuple[str, str], Image.Image] = {}  # (url, key) -> decoded
+        self.raw = self.decoded = self.read = 0  # bytes held; samples of the shards held
+        self.on = budget_mb > 0
+
+    def samples(self, shards):
+        """webdataset's `tarfile_to_samples` over SHARDS (dicts with a url), from memory where it can."""
+        for shard in shards:
+            if not self.on:
+                yield from wds.tarfile_to_samples()([shard])
+            elif shard["url"] in self.shards:
+                yield from self.shards[shard["url"]]
+            else:
+                read = []
+                for sample in wds.tarfile_to_samples()([shard]):
+                    read.append(sample)
+                    yield sample
+                if self.on:  # read to its end (an epoch can stop mid-shard: then it is read again)
+                    self.shards[shard["url"]] = read
+                    self.read += len(read)
+                    self._hold(raw=sum(len(sample["jpg"]) for sample in read))
+
+    def image(self, jpg: bytes, url: str, key: str, draft: int | None) -> Image.Image:
+        """`decode`, once per sample. Transforms make new images, never change the one they are given."""
+        image = self.images.get((url, key))
+        if image is None:
+            image = decode({"jpg": jpg}, draft)
+            if self.on:
+                self.images[url, key] = image
+                self._hold(decoded=image.width * image.height * len(image.getbands()))
+        return image
+
+    def _hold(self, raw: int = 0, decoded: int = 0) -> None:
+        self.raw, self.decoded = self.raw + raw, self.decoded + decoded
+        n = len(self.images)
+        estimate = (self.raw / max(1, self.read) + self.decoded / max(1, n)) * self.expected
+        if self.raw + self.decoded > self.budget or (n == self.ESTIMATE_AFTER and estimate > self.budget):
+            log.info("the training split would take over %.0f MiB in each loader process (data.hold_mb shared by "
+                     "the workers): it is streamed every epoch", self.budget / MIB)
+            self.on, self.shards, self.images = False, {}, {}
 
 
 def _exit_quietly(signum, frame) -> None:
@@ -297,14 +358,16 @@ def epoch_steps(total: int, batch_size: int, world_size: int, accumulate: int = 
 def train_loader(shards: str | Path, transform, batch_size: int, num_workers: int, shuffle_buffer: int,
                  world_size: int = 1, seed: int = 0, draft: int | None = None, pin_memory: bool = False,
                  rank: int | None = None, accumulate: int = 1, resume: StreamState | None = None,
-                 holdout: float = 0.0, nice: int = 0) -> TrainLoader:
+                 holdout: float = 0.0, nice: int = 0, hold_mb: float = 0) -> TrainLoader:
     """Batches of (images, labels, Advance); with transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`).
     The HOLDOUT share of the samples (`manifest.in_holdout`) is left out.
 
     The stream is a function of `seed` (see `TrainStream`), and the workers' augmentations are seeded by the
     DataLoader from torch's RNG (which `pl.seed_everything` sets), so a run with loader workers repeats batch for
     batch; with `resume` (a `StreamState` of this rank's stream, same steps and workers) it continues where that
-    was. Workers: at most one per batch of the epoch, at a lower priority by NICE."""
+    was. Workers: at most one per batch of the epoch, at a lower priority by NICE. With HOLD_MB, each worker (or
+    this process, without workers) holds the split read and decoded where its share of HOLD_MB allows
+    (`HeldShards`)."""
     total = manifest.read_manifest(shards)["splits"]["train"]["total"]
     steps = epoch_steps(round(total * (1 - holdout)), batch_size, world_size, accumulate)
     workers = min(num_workers, steps)
@@ -314,8 +377,9 @@ def train_loader(shards: str | Path, transform, batch_size: int, num_workers: in
         log.warning("the checkpoint's stream had %d batches per epoch over %d workers, this one %d over %d: it starts "
                     "afresh, not where the checkpoint was", resume.steps, resume.workers, steps, workers)
         resume = None
+    held = HeldShards(total, hold_mb / max(1, workers)) if hold_mb else None
     stream = TrainStream(shard_urls(shards, "train"), transform, batch_size, shuffle_buffer, seed, rank, steps,
-                         draft, resume, holdout)
+                         draft, resume, holdout, held)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=pin_memory, prefetch_factor=PREFETCH if workers else None,
                                          worker_init_fn=_lower_priority(nice))
@@ -351,19 +415,17 @@ def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int
                          worker_init_fn=_lower_priority(nice))
 
 
-MIB = 2 ** 20
-
-
 class HeldSplit:
     """A split's images (those KEEP accepts, the first LIMIT), decoded once and held in memory, for a stage that
     measures them many times (evaluate's sweep, fixres's resolution choice): each pass then only resizes and crops
-    them, in the consumer's process, and passes at the same preprocessing (two models at one resolution) reuse
-    the last pass's batches. Streaming them from the shards instead repeats the decoding every pass, in loader
-    workers that take the CPU from the model (on a CPU, a pass took 1.6x the model's own time)."""
+    them, in the consumer's process, and passes at a preprocessing made before (two models at one resolution, the
+    selected one measured again) reuse its batches, as many as fit in the budget beside the images. Streaming them
+    from the shards instead repeats the decoding every pass, in loader workers that take the CPU from the model (on
+    a CPU, a pass took 1.6x the model's own time)."""
 
-    def __init__(self, images: list, labels: list[int], keys: list[str]):
-        self.images, self.labels, self.keys = images, labels, keys
-        self._last: tuple | None = None  # (preprocessing, batch size, batches)
+    def __init__(self, images: list, labels: list[int], keys: list[str], budget_mb: float = 2048):
+        self.images, self.labels, self.keys, self.budget = images, labels, keys, budget_mb * MIB
+        self._made: dict[tuple, list[tuple]] = {}  # (preprocessing, batch size) -> batches, oldest first
 
     @classmethod
     def load(cls, shards: str | Path, split: str = "val", keep: Callable[[str], bool] | None = None,
@@ -371,7 +433,7 @@ class HeldSplit:
         """The split decoded, in shard order; None where its decoded images would pass BUDGET_MB (estimated
         from the first images against the split's size in the manifest): a caller then streams it."""
         total = manifest.read_manifest(shards)["splits"][split]["total"]
-        expected, held, used = min(total, limit or total), cls([], [], []), 0
+        expected, held, used = min(total, limit or total), cls([], [], [], budget_mb), 0
         samples = wds.WebDataset(shard_urls(shards, split), shardshuffle=False, empty_check=False)
         if keep is not None:
             samples = samples.select(lambda sample: keep(sample["__key__"]))
@@ -395,15 +457,22 @@ class HeldSplit:
 
     def batches(self, pre: Preprocessing, batch_size: int) -> list[tuple]:
         """(uint8 NCHW images, labels, keys) batches with PRE's eval preprocessing, as `stream.eval_loader` makes."""
-        if self._last is None or self._last[:2] != (pre, batch_size):
+        if (pre, batch_size) not in self._made:
             transform = transforms.eval_transform(pre, uint8=True)
             batches = []
             for start in range(0, len(self), batch_size):
                 end = start + batch_size
                 images = torch.stack([transform(image) for image in self.images[start:end]])
                 batches.append((images, torch.tensor(self.labels[start:end]), self.keys[start:end]))
-            self._last = (pre, batch_size, batches)
-        return self._last[2]
+            held = sum(image.width * image.height * len(image.getbands()) for image in self.images)
+            while self._made and held + sum(map(_nbytes, [*self._made.values(), batches])) > self.budget:
+                del self._made[next(iter(self._made))]
+            self._made[pre, batch_size] = batches
+        return self._made[pre, batch_size]
+
+
+def _nbytes(batches: list[tuple]) -> int:
+    return sum(images.nbytes for images, *_ in batches)
 
 
 class DevicePrefetcher:
@@ -522,7 +591,8 @@ class ShardDataModule(pl.LightningDataModule):
         loader = train_loader(self.shards, None if self.feed.decodes else self.train_tf, self.batch_size,
                               self.num_workers, self.shuffle_buffer, world, self.seed, self.draft,
                               pin_memory=self.device.type == "cuda", rank=rank, accumulate=accumulate,
-                              resume=self._resume(world, rank), holdout=self.holdout, nice=worker_nice(self.device))
+                              resume=self._resume(world, rank), holdout=self.holdout, nice=worker_nice(self.device),
+                              hold_mb=self.hold_mb)
         self.stream = loader.state
         return self._prefetched(loader, train=True)
 
