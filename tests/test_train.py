@@ -13,8 +13,10 @@ import mlflow
 import pytest
 import torch
 from safetensors.torch import load_file
+from timm.utils import ModelEmaV3
 
-from effnet import cli, inference, models
+from effnet import cli, inference, models, variants
+from effnet.lightning import Ema
 from effnet.stages import train
 from tests.conftest import REPO, kill_tree, result_json, stop, torchrun, train_args, write_tiny_params
 
@@ -31,6 +33,29 @@ def test_the_ema_is_the_exported_model_and_checkpoints_go_after_success(tiny_par
     assert all(torch.equal(saved[k], ema[k]) for k in saved)
     assert any(not torch.equal(saved[k], raw[k]) for k in saved if raw[k].is_floating_point())
     assert not checkpoints.exists()  # removed once the bundle is written
+
+
+def test_the_ema_follows_the_model_as_timms_does_after_the_model_moves_too():
+    """`Ema` keeps its lists of the two models' tensors between steps: its average is timm's, exactly, step after
+    step (weights and BatchNorm statistics), and still after both models move (a dtype change replaces buffers)."""
+    torch.manual_seed(0)
+    model = models.build(variants.resolve(phi=-6), 4)
+    ours, timms = Ema(model, decay=0.9, use_warmup=True), ModelEmaV3(model, decay=0.9, use_warmup=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 7):
+        if step == 4:
+            for m in (model, ours, timms):
+                m.to(torch.float64)
+        x = torch.randn(4, 3, 32, 32, dtype=next(model.parameters()).dtype)
+        model.train()(x).logsumexp(1).mean().backward()  # moves the weights and the BatchNorm statistics
+        opt.step()
+        opt.zero_grad()
+        for ema in (ours, timms):
+            ema.update(model, step=step)
+        got, want = ours.module.state_dict(), timms.module.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(ours.module.state_dict()["conv_stem.weight"], model.state_dict()["conv_stem.weight"])
+    assert ours.module.bn1.running_mean.dtype == torch.float64
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_params, shards_dir, workspace,

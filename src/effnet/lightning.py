@@ -44,6 +44,28 @@ from effnet.errors import EffnetError, Preempted
 log = logging.getLogger(__name__)
 
 
+class Ema(ModelEmaV3):
+    """timm's ModelEmaV3, its update reading the two models' tensors from lists made once instead of two
+    state_dict() calls per step (on a CPU, three quarters of the update's time). The same tensors get the same
+    lerp (copy for integer buffers); the lists are made again after either model moves (`.to()` replaces
+    buffers; parameters keep their identity)."""
+
+    _pairs: tuple | None = None  # (model, first model buffer, first EMA buffer, floating pairs, integer pairs)
+
+    def apply_update_(self, model, decay: float):
+        if not self.foreach:
+            return super().apply_update_(model, decay)
+        firsts = (model, next(model.buffers(), None), next(self.module.buffers(), None))
+        if self._pairs is None or any(a is not b for a, b in zip(self._pairs, firsts)):
+            both = list(zip(self.module.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values()))
+            self._pairs = (*firsts, [p for p in both if p[0].is_floating_point()],
+                           [p for p in both if not p[0].is_floating_point()])
+        floating, integer = self._pairs[3:]
+        for ema_v, model_v in integer:
+            ema_v.copy_(model_v)
+        self._foreach_lerp_([e for e, _ in floating], [m for _, m in floating], weight=1. - decay)
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy training of `model`. With `trainable` set, only those submodules learn and run in train
     mode (BatchNorm statistics update); the rest stays frozen in eval mode. With `ema_decay`, an exponential
@@ -62,7 +84,7 @@ class Classifier(pl.LightningModule):
         if channels_last:
             model.to(memory_format=torch.channels_last)  # in place
         self.model, self.optimizer, self.schedule, self.trainable = model, optimizer, schedule, trainable
-        self.ema = None if ema_decay is None else ModelEmaV3(model, decay=ema_decay, use_warmup=True)
+        self.ema = None if ema_decay is None else Ema(model, decay=ema_decay, use_warmup=True)
         self.nonfinite: torch.Tensor | None = None  # on the device: did any loss since the last check overflow?
         if self.ema is not None:
             self.ema.requires_grad_(False)  # updated by lerp, never by the optimizer (nor DDP's gradient sync)
