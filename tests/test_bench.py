@@ -39,4 +39,6 @@ def test_cpu_bench_runs_every_row_and_writes_its_figures(tmp_path):
     assert all(row["img_s"] > 0 for row in figures["rows"]) and len(figures["rows"]) >= 11
     assert {"effnet train / ceiling", "effnet train / timm loop", "evaluate loop / model inference"} <= set(
         figures["ratios"])
-    assert figures["rows"][4]["what"].startswith("loader alone") and figures["rows"][5]["first_step_s"] > 0
+    by = {row["what"]: row for row in figures["rows"]}
+    assert by["effnet train (steady state)"]["first_step_s"] > 0 and "loader alone (decode + augment, 1 process)" in by
+    assert len(by[by["effnet train (steady state)"]["ref"]]["rounds"]) == 1  # the dry run's one round
