@@ -48,12 +48,12 @@ def keep_freed_memory() -> bool:
     By default it maps every block over its mmap threshold (dynamic, at most 32 MiB) afresh and unmaps it when
     freed, so each forward and backward pass on the CPU faults all of its large activations in again: 10-90
     thousand page faults a step for the demo's model, and the kernel's time for them was up to half of an
-    inference pass (batch 128 at 74 px: 1.9x faster without; 300 cycles over the evaluate sweep's shapes: 1.25x;
+    inference pass (batch 128 at 74 px: 1.9x faster without; 30 cycles over the evaluate sweep's 12 shapes: 1.25x;
     a training step 4-10 %, and steadier). Here: no mmap'd blocks, and the heap's top is trimmed only past 2 GiB
     free. The cost: the process keeps its peak memory instead of handing it back (peak RSS 8-13 % higher in those
     runs, flat over time). Loader workers forked after this inherit it. Skipped where malloc is not glibc's, or
-    where a MALLOC_* tunable is set in the environment (the user's choice wins: MALLOC_MMAP_MAX_=65536 gives
-    glibc's default back). Returns whether it was set."""
+    where a MALLOC_* tunable (or GLIBC_TUNABLES) is set in the environment: glibc then does what the user set, and
+    only that. Returns whether it was set."""
     if any(key.startswith("MALLOC_") and key.endswith("_") for key in os.environ) or "GLIBC_TUNABLES" in os.environ:
         return False
     try:

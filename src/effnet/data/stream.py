@@ -570,8 +570,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.holdout, self.val_pre, self.hold_mb = holdout, val_pre, hold_mb
         self._held_val: HeldSplit | None | bool = None  # False: too big to hold
         self.shards, self.train_tf, self.feed = _root(shards), train_tf, feed
-        self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
-        self.draft = draft
+        self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
+        self.seed, self.draft = seed, draft
         self.manifest = manifest.read_manifest(self.shards)
         self.stream: StreamState | None = None
         self._restored: dict = {}
