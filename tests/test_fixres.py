@@ -104,7 +104,13 @@ def test_selection_prefers_top1_then_the_smaller_resolution_then_the_first_model
     assert evaluate.select(sweep, ["trained", "fixres"]).model == "trained"  # same top-1, same size: given first
 
 
-def test_with_a_test_split_the_selected_candidate_is_reported_on_test(tiny_params, demo_dir, workspace):
+def test_with_a_test_split_the_selected_candidate_is_reported_on_test(tiny_params, demo_dir, workspace,
+                                                                      monkeypatch):
+    """Test holds val's images: the same figures, measured on the other split; read once, test is held in memory
+    too (no pass streams the shards), with the figures streaming gives."""
+    streamed_passes = []
+    eval_loader = inference.eval_loader
+    monkeypatch.setattr(inference, "eval_loader", lambda *a, **kw: streamed_passes.append(a) or eval_loader(*a, **kw))
     src = workspace / "src"
     shutil.copytree(demo_dir, src)
     shutil.copytree(demo_dir / "val", src / "test")
@@ -114,10 +120,15 @@ def test_with_a_test_split_the_selected_candidate_is_reported_on_test(tiny_param
     models.save_bundle(model, models.ModelSpec(variant="tiny", phi=-6, classes=sorted(p.name for p in (
         src / "train").iterdir()), preprocessing=models.preprocessing(model, variant, 32)), workspace / "trained")
     params = tiny_params.model_copy(update={"evaluate": tiny_params.evaluate.model_copy(update={"sweep": [1.0]})})
-    selected = evaluate.run(params, "tiny", workspace / "shards", {"trained": workspace / "trained"},
+    streamed = params.model_copy(update={"data": params.data.model_copy(update={"hold_mb": 0})})
+    selected = evaluate.run(streamed, "tiny", workspace / "shards", {"trained": workspace / "trained"},
                             workspace / "m.json").metrics["selected"]
+    assert len(streamed_passes) == 2  # val, then test
+    streamed_passes.clear()
+    assert evaluate.run(params, "tiny", workspace / "shards", {"trained": workspace / "trained"},
+                        workspace / "m.json").metrics["selected"] == selected
+    assert not streamed_passes
     assert (selected["model"], selected["resolution"]) == ("trained", 32)
-    # test holds val's images: the same figures, measured on the other split
     assert (selected["test_top1"], selected["test_top5"]) == (selected["val_top1"], selected["val_top5"])
     confusion = json.loads((workspace / "plots/confusion/tiny.json").read_text())
     assert len(confusion) == read_manifest(workspace / "shards")["splits"]["test"]["total"]

@@ -98,23 +98,29 @@ def measure(params: Params, shards: str | Path, bundles: dict[str, Path]) -> Eva
     decode = feed.resolve_decode(params.data.decode, params.train.accelerator)  # warns once, not per size
     params = params.model_copy(update={"data": params.data.model_copy(update={"decode": decode})})
 
-    # The sweep reads val once per candidate: decoded once and held in memory where it fits (CPU decoding).
-    val = HeldSplit.load(shards, "val", budget_mb=params.data.hold_mb) if decode == "cpu" else None
+    # The sweep reads val once per candidate: decoded once and held in memory where it fits (CPU decoding). So is
+    # test, read once: in this process that is faster than starting loader workers for a split this size.
+    def held(split: str) -> HeldSplit | None:
+        return HeldSplit.load(shards, split, budget_mb=params.data.hold_mb) if decode == "cpu" else None
 
-    def score(label: str, size: int, split: str = "val", extra=()) -> dict[str, float]:
+    def score(label: str, size: int, split: str, data: HeldSplit | None, extra=()) -> dict[str, float]:
         model, spec = loaded[label]
         pre = spec.preprocessing.at(size)
         fed, device = feed.for_inference(params, pre)
         return accuracy(model, pre, shards, params.evaluate.batch_size, params.data.num_workers, extra, fed, device,
-                        split, held=val if split == "val" else None)
+                        split, held=data)
 
     # size by size: the models at one size share its batches
-    by_size = {size: {label: score(label, size) for label in loaded} for size in sizes}
+    images = held("val")
+    by_size = {size: {label: score(label, size, "val", images) for label in loaded} for size in sizes}
     sweep = {label: {size: by_size[size][label] for size in sizes} for label in loaded}
     selected = select(sweep, list(loaded))
     reported_on = "test" if "test" in read_manifest(shards)["splits"] else "val"
     stats = ClassStats(loaded[selected.model][1].classes)
-    reported = score(selected.model, selected.resolution, reported_on, stats.metrics)
+    if reported_on != "val":
+        images = None  # the sweep is done: its images go before test's are read
+        images = held(reported_on)
+    reported = score(selected.model, selected.resolution, reported_on, images, stats.metrics)
     return Evaluation(sweep=sweep, own=own, selected=selected, reported_on=reported_on, reported=reported,
                       classes=stats.classes, matrix=stats.matrix(), per_class=stats.table(), macro=stats.macro())
 
