@@ -28,6 +28,7 @@ images (the demo's shapes, as shards for effnet and as an ImageFolder for timm) 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -212,6 +213,10 @@ class Bench:
 TIMM = "timm loop (timm defaults: NCHW fp32, glibc malloc)"
 
 
+def step_row(channels_last: bool, bf16: bool) -> str:
+    return f"model train step {'channels_last' if channels_last else 'NCHW'} {'bf16' if bf16 else 'fp32'}"
+
+
 def timm_train_elsewhere(args, key: str, folder: Path) -> float:
     """`Bench.timm_train` in a spawned process, which has not run env.configure()."""
     return Bench(config.load(args.params, args.overrides), key, args).timm_train(folder)
@@ -251,23 +256,22 @@ def main(argv=None) -> int:
         folder = demo_data.run(params.demo_data, ws / "demo").out
         shards = Path(shard.run(params.shard, folder, ws / "shards").out)
         (ws / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-        for cl in (False, True):
-            for bf16 in (False, True):
-                bench.record(f"model train step {'channels_last' if cl else 'NCHW'} {'bf16' if bf16 else 'fp32'}",
-                             bench.model_train(cl, bf16))
-        best = max(bench.rows, key=lambda r: r["img_s"])
+        steps = {}  # (channels_last, bf16) -> img/s
+        for cl, bf16 in itertools.product((False, True), repeat=2):
+            steps[cl, bf16] = bench.model_train(cl, bf16)
+            bench.record(step_row(cl, bf16), steps[cl, bf16])
+        layout = max(steps, key=steps.get)  # the ceiling's
         bench.record("loader alone (decode + augment, 1 process)", bench.loader_alone(shards, train=True))
         bench.record("loader alone, split held (augment only)", bench.loader_alone(shards, True, params.data.hold_mb))
         # This machine's speed drifts by +-10 % within a minute: each effnet run is compared with the ceiling's
         # step measured just before and just after it, and the median round is reported.
-        layout = (best["what"].split()[3] == "channels_last", best["what"].split()[4] == "bf16")
         rounds = []
         for _ in range(args.rounds):
             before = bench.model_train(*layout)
             rate, first = bench.effnet_train(shards, ws)
             rounds.append((rate / ((before + bench.model_train(*layout)) / 2), rate, first))
         ratio, rate, first = sorted(rounds)[len(rounds) // 2]
-        ceiling = f"{best['what']}, around each effnet train run"
+        ceiling = f"{step_row(*layout)}, around each effnet train run"
         bench.record(ceiling, rate / ratio, rounds=[round(r, 3) for r, *_ in rounds])
         bench.record("effnet train (steady state)", rate, ref=ceiling, first_step_s=first)
         for n in args.workers:  # what data.num_workers costs or gains, the rest as above

@@ -50,20 +50,23 @@ class Ema(ModelEmaV3):
     lerp (copy for integer buffers); the lists are made again after either model moves (`.to()` replaces
     buffers; parameters keep their identity)."""
 
-    _pairs: tuple | None = None  # (model, first model buffer, first EMA buffer, floating pairs, integer pairs)
+    _made_for: tuple = ()  # (model, its first buffer, the EMA's first buffer) when the lists were made
+    _floating: tuple[list, list] = ([], [])  # (EMA tensors, model tensors): lerped
+    _integer: list[tuple] = []  # (EMA tensor, model tensor): copied
 
     def apply_update_(self, model, decay: float):
         if not self.foreach:
             return super().apply_update_(model, decay)
-        firsts = (model, next(model.buffers(), None), next(self.module.buffers(), None))
-        if self._pairs is None or any(a is not b for a, b in zip(self._pairs, firsts)):
+        made_for = (model, next(model.buffers(), None), next(self.module.buffers(), None))
+        if len(made_for) != len(self._made_for) or any(a is not b for a, b in zip(made_for, self._made_for)):
             both = list(zip(self.module.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values()))
-            self._pairs = (*firsts, [p for p in both if p[0].is_floating_point()],
-                           [p for p in both if not p[0].is_floating_point()])
-        floating, integer = self._pairs[3:]
-        for ema_v, model_v in integer:
+            floating = [pair for pair in both if pair[0].is_floating_point()]
+            self._floating = ([e for e, _ in floating], [m for _, m in floating])
+            self._integer = [pair for pair in both if not pair[0].is_floating_point()]
+            self._made_for = made_for
+        for ema_v, model_v in self._integer:
             ema_v.copy_(model_v)
-        self._foreach_lerp_([e for e, _ in floating], [m for _, m in floating], weight=1. - decay)
+        self._foreach_lerp_(*self._floating, weight=1. - decay)
 
 
 class Classifier(pl.LightningModule):

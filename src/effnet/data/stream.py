@@ -258,6 +258,26 @@ class TrainStream(torch.utils.data.IterableDataset):
         return wds.filters.default_collation_fn(samples)
 
 
+ESTIMATE_AFTER = 32  # images held before a split's size is estimated against its budget
+
+
+def _image_bytes(image: Image.Image) -> int:
+    return image.width * image.height * len(image.getbands())
+
+
+class _Budget:
+    """Bytes held for a split of EXPECTED samples against BUDGET_MB: `add` says whether they still fit, and stops
+    early, after ESTIMATE_AFTER samples, where their mean size says the whole split would not."""
+
+    def __init__(self, expected: int, budget_mb: float):
+        self.expected, self.limit, self.used, self.samples = expected, budget_mb * MIB, 0, 0
+
+    def add(self, nbytes: int) -> bool:
+        self.used, self.samples = self.used + nbytes, self.samples + 1
+        estimate = self.used / self.samples * self.expected if self.samples == ESTIMATE_AFTER else 0
+        return self.used <= self.limit and estimate <= self.limit
+
+
 class HeldShards:
     """One loader process's copy of the training split, filled as its stream first reads it: each shard's samples
     are kept once read to its end, each image once decoded, and served from memory after that, in the order and
@@ -266,13 +286,10 @@ class HeldShards:
     the model's. Where the split would pass BUDGET_MB (estimated from the first images decoded against its
     EXPECTED samples), it lets go of everything, says so once, and streams."""
 
-    ESTIMATE_AFTER = 32  # images
-
     def __init__(self, expected: int, budget_mb: float):
-        self.expected, self.budget = expected, budget_mb * MIB
+        self.budget = _Budget(expected, budget_mb)
         self.shards: dict[str, list[dict]] = {}  # url -> its samples, as webdataset reads them
         self.images: dict[tuple[str, str], Image.Image] = {}  # (url, key) -> decoded
-        self.raw = self.decoded = self.read = 0  # bytes held; samples of the shards held
         self.on = budget_mb > 0
 
     def samples(self, shards):
@@ -289,27 +306,20 @@ class HeldShards:
                     yield sample
                 if self.on:  # read to its end (an epoch can stop mid-shard: then it is read again)
                     self.shards[shard["url"]] = read
-                    self.read += len(read)
-                    self._hold(raw=sum(len(sample["jpg"]) for sample in read))
 
     def image(self, jpg: bytes, url: str, key: str, draft: int | None) -> Image.Image:
-        """`decode`, once per sample. Transforms make new images, never change the one they are given."""
+        """`decode`, once per sample (its bytes and pixels counted against the budget then). Transforms make new
+        images, never change the one they are given."""
         image = self.images.get((url, key))
         if image is None:
             image = decode({"jpg": jpg}, draft)
             if self.on:
                 self.images[url, key] = image
-                self._hold(decoded=image.width * image.height * len(image.getbands()))
+                if not self.budget.add(len(jpg) + _image_bytes(image)):
+                    log.info("the training split would take over %.0f MiB in each loader process (data.hold_mb "
+                             "shared by the workers): it is streamed every epoch", self.budget.limit / MIB)
+                    self.on, self.shards, self.images = False, {}, {}
         return image
-
-    def _hold(self, raw: int = 0, decoded: int = 0) -> None:
-        self.raw, self.decoded = self.raw + raw, self.decoded + decoded
-        n = len(self.images)
-        estimate = (self.raw / max(1, self.read) + self.decoded / max(1, n)) * self.expected
-        if self.raw + self.decoded > self.budget or (n == self.ESTIMATE_AFTER and estimate > self.budget):
-            log.info("the training split would take over %.0f MiB in each loader process (data.hold_mb shared by "
-                     "the workers): it is streamed every epoch", self.budget / MIB)
-            self.on, self.shards, self.images = False, {}, {}
 
 
 def _exit_quietly(signum, frame) -> None:
@@ -425,6 +435,7 @@ class HeldSplit:
 
     def __init__(self, images: list, labels: list[int], keys: list[str], budget_mb: float = 2048):
         self.images, self.labels, self.keys, self.budget = images, labels, keys, budget_mb * MIB
+        self.image_bytes = sum(map(_image_bytes, images))
         self._made: dict[tuple, list[tuple]] = {}  # (preprocessing, batch size) -> batches, oldest first
 
     @classmethod
@@ -433,24 +444,22 @@ class HeldSplit:
         """The split decoded, in shard order; None where its decoded images would pass BUDGET_MB (estimated
         from the first images against the split's size in the manifest): a caller then streams it."""
         total = manifest.read_manifest(shards)["splits"][split]["total"]
-        expected, held, used = min(total, limit or total), cls([], [], [], budget_mb), 0
+        budget, images, labels, keys = _Budget(min(total, limit or total), budget_mb), [], [], []
         samples = wds.WebDataset(shard_urls(shards, split), shardshuffle=False, empty_check=False)
         if keep is not None:
             samples = samples.select(lambda sample: keep(sample["__key__"]))
         for jpg, label, key in samples.to_tuple("jpg", "cls", "__key__"):
-            if len(held.keys) == limit:
+            if len(keys) == limit:
                 break
             image = decode({"jpg": jpg})
-            used += image.width * image.height * len(image.getbands())
-            seen = len(held.keys) + 1
-            if used > budget_mb * MIB or (seen == 32 and used / seen * expected > budget_mb * MIB):
+            if not budget.add(_image_bytes(image)):
                 log.info("%s: %s's decoded images would take over data.hold_mb = %d MiB: streamed each pass",
                          shards, split, budget_mb)
                 return None
-            held.images.append(image)
-            held.labels.append(int(label))
-            held.keys.append(str(key))
-        return held
+            images.append(image)
+            labels.append(int(label))
+            keys.append(str(key))
+        return cls(images, labels, keys, budget_mb)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -464,8 +473,7 @@ class HeldSplit:
                 end = start + batch_size
                 images = torch.stack([transform(image) for image in self.images[start:end]])
                 batches.append((images, torch.tensor(self.labels[start:end]), self.keys[start:end]))
-            held = sum(image.width * image.height * len(image.getbands()) for image in self.images)
-            while self._made and held + sum(map(_nbytes, [*self._made.values(), batches])) > self.budget:
+            while self._made and self.image_bytes + sum(map(_nbytes, [*self._made.values(), batches])) > self.budget:
                 del self._made[next(iter(self._made))]
             self._made[pre, batch_size] = batches
         return self._made[pre, batch_size]
