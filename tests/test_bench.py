@@ -28,6 +28,25 @@ def test_largest_fit_finds_the_largest_multiple_of_the_step_in_few_tries():
             assert all(b % 8 == 0 and 0 < b <= cap for b in tried) and len(tried) <= 2 * cap.bit_length()
 
 
+def test_cpu_bench_takes_a_params_key_or_a_card_id_as_its_variant():
+    from argparse import Namespace
+
+    from cpu_bench import bench_params
+
+    from effnet.errors import EffnetError
+
+    params_yaml = BENCH.parent / "params.yaml"
+    params, key = bench_params(Namespace(params=params_yaml, overrides=[], variant=None))
+    assert key == next(iter(params.variants)) == "tf_efficientnet_tiny"  # the demo's, params.yaml's first
+    args = Namespace(params=params_yaml, overrides=["train.batch_size=32"], variant="tf_efficientnet_b0")
+    params, key = bench_params(args)
+    assert key == "tf_efficientnet_b0" and params.variant(key).img_size == 224 and params.train.batch_size == 32
+    assert "variants={tf_efficientnet_b0: {model: tf_efficientnet_b0}}" in args.overrides  # for its subprocesses
+    params, key = bench_params(Namespace(params=params_yaml, overrides=[], variant="b0"))
+    with pytest.raises(EffnetError, match="variants.b0: not in params"):
+        params.variant(key)
+
+
 @pytest.mark.slow
 def test_cpu_bench_runs_every_row_and_writes_its_figures(tmp_path):
     """bench/cpu_bench.py --dry-run (tiny model and data, ~2 min): every row measured, the ratios computed, the
@@ -37,8 +56,9 @@ def test_cpu_bench_runs_every_row_and_writes_its_figures(tmp_path):
                    timeout=900, capture_output=True)
     figures = json.loads(out.read_text())
     assert all(row["img_s"] > 0 for row in figures["rows"]) and len(figures["rows"]) >= 11
-    assert {"effnet train / ceiling", "effnet train / timm loop", "evaluate loop / model inference"} <= set(
-        figures["ratios"])
+    ratios = figures["ratios"]
+    assert {"effnet train / ceiling", "effnet train / timm loop", "evaluate loop / model inference"} <= set(ratios)
+    assert 0 < ratios["bound: (ceiling step + loader over all cores) / ceiling"] < 1  # the loader's work costs
     by = {row["what"]: row for row in figures["rows"]}
     assert by["effnet train (steady state)"]["first_step_s"] > 0 and "loader alone (decode + augment, 1 process)" in by
     assert len(by[by["effnet train (steady state)"]["ref"]]["rounds"]) == 1  # the dry run's one round
