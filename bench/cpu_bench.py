@@ -154,6 +154,17 @@ class Bench:
             seen += len(images)
         return seen / (time.perf_counter() - t)
 
+    def eval_preprocessing_held(self, shards: Path) -> float:
+        """The evaluate stage's own preprocessing, val held in memory (`HeldSplit.batches`: timm's eval resize and
+        crop, no decoding), once at each size of its sweep, in this process: images per second."""
+        held = stream.HeldSplit.load(shards, "val", budget_mb=self.params.data.hold_mb)
+        pre = models.preprocessing(self.model(), self.variant, self.size)
+        sizes = evaluate.sweep_sizes({self.size}, self.params.evaluate.sweep)
+        t = time.perf_counter()
+        for size in sizes:
+            held.batches(pre.at(size), self.params.evaluate.batch_size)
+        return len(sizes) * len(held) / (time.perf_counter() - t)
+
     def effnet_eval(self, shards: Path) -> float:
         model = self.model()
         pre = models.preprocessing(model, self.variant, self.size)
@@ -211,6 +222,8 @@ class Bench:
 
 
 TIMM = "timm loop (timm defaults: NCHW fp32, glibc malloc)"
+STAGE = "effnet evaluate stage (sweep, 2 models)"
+EVAL_PREP = "evaluate's resize + crop alone, val held (each sweep size once, 1 process)"
 
 
 def step_row(channels_last: bool, bf16: bool) -> str:
@@ -303,11 +316,12 @@ def main(argv=None) -> int:
                          key=lambda r: r["img_s"])["what"]
         bench.record("eval loader alone (decode + resize, 1 process)", bench.loader_alone(shards, train=False))
         bench.record("effnet evaluate loop", bench.effnet_eval(shards), ref=best_infer)
-        for what, sets in (("effnet evaluate stage (sweep, 2 models)", ()),
+        for what, sets in ((STAGE, ()),
                            ("effnet evaluate stage, data.hold_mb=0 (streamed)", ("data.hold_mb=0",))):
             rate, model_only = bench.effnet_evaluate_stage(shards, ws / "trained", *sets)
             bench.record(f"model inference over the same passes ({what})", model_only)
             bench.record(what, rate, ref=f"model inference over the same passes ({what})")
+        bench.record(EVAL_PREP, bench.eval_preprocessing_held(shards))
     by = {r["what"]: r["img_s"] for r in bench.rows}
     for r in bench.rows:
         r["ratio"] = round(r["img_s"] / by[r["ref"]], 3) if r["ref"] else None
@@ -316,8 +330,7 @@ def main(argv=None) -> int:
               "effnet train / timm loop with effnet's malloc policy": by["effnet train (steady state)"] / by[
                   "timm loop, effnet's malloc policy"],
               "evaluate loop / model inference": by["effnet evaluate loop"] / by[best_infer],
-              "evaluate stage / model inference": by["effnet evaluate stage (sweep, 2 models)"] / by[
-                  "model inference over the same passes (effnet evaluate stage (sweep, 2 models))"]}
+              "evaluate stage / model inference": by[STAGE] / by[f"model inference over the same passes ({STAGE})"]}
     # Where the cores are all the model's, the loader's CPU time adds to each step's: the best a training loop can
     # do is then both in turn. effnet train against that bound says what is left besides the loader's work.
     loader = by["loader alone, split held (augment only)"]
@@ -329,6 +342,12 @@ def main(argv=None) -> int:
     shared = 1 / (1 / by[ceiling] + 1 / (loader * info["threads"]))
     ratios["bound: (ceiling step + loader over all cores) / ceiling"] = shared / by[ceiling]
     ratios["bound: ceiling / timm loop"] = by[ceiling] / by[TIMM]
+    # The evaluate stage's bound likewise: its model-only passes (2 models x the sweep's sizes + the report) with
+    # its resizing (each size once) spread over every core; decoding, loading and per-shape warm-up left out.
+    sizes = len(evaluate.sweep_sizes({bench.size}, params.evaluate.sweep))
+    model_time = (2 * sizes + 1) / by[f"model inference over the same passes ({STAGE})"]
+    ratios["bound: evaluate stage (model-only passes + its resizing over all cores) / model inference"] = (
+        model_time / (model_time + sizes / (by[EVAL_PREP] * info["threads"])))
     serial = 1 / (1 / by[best_infer] + 1 / by["eval loader alone (decode + resize, 1 process)"])
     ratios["evaluate loop / (inference + eval loader, in turn)"] = by["effnet evaluate loop"] / serial
     print(f"\n{'what':46} {'img/s':>8} {'ratio':>7}  vs")

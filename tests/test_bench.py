@@ -59,6 +59,7 @@ def test_cpu_bench_runs_every_row_and_writes_its_figures(tmp_path):
     ratios = figures["ratios"]
     assert {"effnet train / ceiling", "effnet train / timm loop", "evaluate loop / model inference"} <= set(ratios)
     assert 0 < ratios["bound: (ceiling step + loader over all cores) / ceiling"] < 1  # the loader's work costs
+    assert 0 < ratios["bound: evaluate stage (model-only passes + its resizing over all cores) / model inference"] < 1
     by = {row["what"]: row for row in figures["rows"]}
     assert by["effnet train (steady state)"]["first_step_s"] > 0 and "loader alone (decode + augment, 1 process)" in by
     assert len(by[by["effnet train (steady state)"]["ref"]]["rounds"]) == 1  # the dry run's one round
