@@ -21,8 +21,14 @@ images (the demo's shapes, as shards for effnet and as an ImageFolder for timm) 
   effnet evaluate stage      `evaluate.measure`: two models over the resolution sweep, val decoded once and held
                              in memory (and with data.hold_mb=0: streamed every pass), against model-only
                              inference over the same passes
+  evaluate's resize alone    the stage's own resize + crop of val, held, at each sweep size once
+
+Besides the ratios it prints the bounds the goals meet on these cores: the ceiling step with the loader's work
+spread over every core, the ceiling against timm's loop, and the evaluate stage's model-only passes with its
+resizing spread over every core.
 
     .venv/bin/python bench/cpu_bench.py --out cpu_bench.json      # the demo's model and data (a few minutes)
+    .venv/bin/python bench/cpu_bench.py --variant tf_efficientnet_b0 --out cpu_bench_b0.json   # a card row
     .venv/bin/python bench/cpu_bench.py --dry-run                 # tiny: checks that it runs
 """
 from __future__ import annotations
@@ -284,7 +290,11 @@ def main(argv=None) -> int:
         for cl, bf16 in itertools.product((False, True), repeat=2):
             steps[cl, bf16] = bench.model_train(cl, bf16)
             bench.record(step_row(cl, bf16), steps[cl, bf16])
-        layout = max(steps, key=steps.get)  # the ceiling's
+        # The ceiling's layout: one window can mislead (the machine drifts +-10 %, and a b0 call once measured NCHW
+        # above channels_last), so the two best are measured again and the mean of their two windows decides.
+        top = sorted(steps, key=steps.get)[-2:]
+        again = {lay: bench.model_train(*lay) for lay in top}
+        layout = max(top, key=lambda lay: steps[lay] + again[lay])
         bench.record("loader alone (decode + augment, 1 process)", bench.loader_alone(shards, train=True))
         bench.record("loader alone, split held (augment only)", bench.loader_alone(shards, True, params.data.hold_mb))
         # This machine's speed drifts by +-10 % within a minute: each effnet run is compared with the ceiling's
