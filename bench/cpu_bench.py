@@ -182,10 +182,11 @@ class Bench:
                            feed=fed, device=device)
         return read_manifest(shards)["splits"]["val"]["total"] / (time.perf_counter() - t)
 
-    def effnet_evaluate_stage(self, shards: Path, bundle: Path, *sets: str) -> tuple[float, float]:
+    def effnet_evaluate_stage(self, shards: Path, bundle: Path, *sets: str) -> tuple[float, float, int, int]:
         """The evaluate stage's measuring (`evaluate.measure`) of two bundles (BUNDLE twice, as trained and fixres
         are two models of one preprocessing) over its resolution sweep: (image passes per second, the same passes
-        at model-only inference speed, channels_last, measured here at each size before and after the stage)."""
+        at model-only inference speed, channels_last, measured here at each size before and after the stage; the
+        passes; the sizes among them, each resized once)."""
         params = config.load(self.args.params, [*self.args.overrides, *sets])
         sizes = evaluate.sweep_sizes({self.size}, params.evaluate.sweep)
         before = {size: self.model_infer(True, size) for size in sizes}  # and after: the machine's speed drifts
@@ -196,7 +197,7 @@ class Bench:
         images = read_manifest(shards)["splits"]["val"]["total"]
         passes = [size for by_size in evaluation.sweep.values() for size in by_size] + [evaluation.selected.resolution]
         model_only = sum(images / rates[size] for size in passes)
-        return len(passes) * images / wall, len(passes) * images / model_only
+        return len(passes) * images / wall, len(passes) * images / model_only, len(passes), len(set(passes))
 
     # -- timm ----------------------------------------------------------------------------------------------------
     def timm_train(self, folder: Path) -> float:
@@ -230,6 +231,11 @@ class Bench:
 TIMM = "timm loop (timm defaults: NCHW fp32, glibc malloc)"
 STAGE = "effnet evaluate stage (sweep, 2 models)"
 EVAL_PREP = "evaluate's resize + crop alone, val held (each sweep size once, 1 process)"
+
+
+def in_turn(*rates: float) -> float:
+    """The rate of jobs run one after the other on every item, from each one's own rate (img/s)."""
+    return 1 / sum(1 / rate for rate in rates)
 
 
 def step_row(channels_last: bool, bf16: bool) -> str:
@@ -328,9 +334,9 @@ def main(argv=None) -> int:
         bench.record("effnet evaluate loop", bench.effnet_eval(shards), ref=best_infer)
         for what, sets in ((STAGE, ()),
                            ("effnet evaluate stage, data.hold_mb=0 (streamed)", ("data.hold_mb=0",))):
-            rate, model_only = bench.effnet_evaluate_stage(shards, ws / "trained", *sets)
+            rate, model_only, passes, sizes = bench.effnet_evaluate_stage(shards, ws / "trained", *sets)
             bench.record(f"model inference over the same passes ({what})", model_only)
-            bench.record(what, rate, ref=f"model inference over the same passes ({what})")
+            bench.record(what, rate, ref=f"model inference over the same passes ({what})", passes=passes, sizes=sizes)
         bench.record(EVAL_PREP, bench.eval_preprocessing_held(shards))
     by = {r["what"]: r["img_s"] for r in bench.rows}
     for r in bench.rows:
@@ -344,22 +350,24 @@ def main(argv=None) -> int:
     # Where the cores are all the model's, the loader's CPU time adds to each step's: the best a training loop can
     # do is then both in turn. effnet train against that bound says what is left besides the loader's work.
     loader = by["loader alone, split held (augment only)"]
-    serial = 1 / (1 / by[ceiling] + 1 / loader)
-    ratios["effnet train / (ceiling step + loader, in turn)"] = by["effnet train (steady state)"] / serial
+    ratios["effnet train / (ceiling step + loader, in turn)"] = by["effnet train (steady state)"] / in_turn(
+        by[ceiling], loader)
     # What the goals can reach at all with this model on these cores: a step that fills every core, with the
     # loader's work spread evenly over them beside it; and the ceiling against timm's loop (no loop beats timm by
     # more unless it beats the ceiling).
-    shared = 1 / (1 / by[ceiling] + 1 / (loader * info["threads"]))
-    ratios["bound: (ceiling step + loader over all cores) / ceiling"] = shared / by[ceiling]
+    cores = info["threads"]
+    ratios["bound: (ceiling step + loader over all cores) / ceiling"] = in_turn(by[ceiling], loader * cores) / by[
+        ceiling]
     ratios["bound: ceiling / timm loop"] = by[ceiling] / by[TIMM]
-    # The evaluate stage's bound likewise: its model-only passes (2 models x the sweep's sizes + the report) with
-    # its resizing (each size once) spread over every core; decoding, loading and per-shape warm-up left out.
-    sizes = len(evaluate.sweep_sizes({bench.size}, params.evaluate.sweep))
-    model_time = (2 * sizes + 1) / by[f"model inference over the same passes ({STAGE})"]
-    ratios["bound: evaluate stage (model-only passes + its resizing over all cores) / model inference"] = (
-        model_time / (model_time + sizes / (by[EVAL_PREP] * info["threads"])))
-    serial = 1 / (1 / by[best_infer] + 1 / by["eval loader alone (decode + resize, 1 process)"])
-    ratios["evaluate loop / (inference + eval loader, in turn)"] = by["effnet evaluate loop"] / serial
+    # The evaluate stage's bound likewise: its model-only passes with its resizing (each size once, so SIZES image
+    # resizes per PASSES image passes) spread over every core; decoding, loading and per-shape warm-up left out.
+    stage = next(r for r in bench.rows if r["what"] == STAGE)
+    model_only = by[f"model inference over the same passes ({STAGE})"]
+    resizing = by[EVAL_PREP] * cores * stage["passes"] / stage["sizes"]  # image passes' worth of resizing per second
+    ratios["bound: evaluate stage (model-only passes + its resizing over all cores) / model inference"] = in_turn(
+        model_only, resizing) / model_only
+    ratios["evaluate loop / (inference + eval loader, in turn)"] = by["effnet evaluate loop"] / in_turn(
+        by[best_infer], by["eval loader alone (decode + resize, 1 process)"])
     print(f"\n{'what':46} {'img/s':>8} {'ratio':>7}  vs")
     for r in bench.rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
