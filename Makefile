@@ -56,7 +56,7 @@ zoo: install  ## all 13 card variants through the whole DAG on tiny data (slow);
 	$(PY) -m pytest -m slow tests/test_zoo.py -s
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra docs --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 -o requirements.lock
 
 clean:
