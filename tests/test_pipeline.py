@@ -32,7 +32,7 @@ def test_the_flow_ran_every_stage_through_dvc_and_returned_the_metrics(pipeline)
     lock = yaml.safe_load((pipeline.repo / "dvc.lock").read_text())
     assert sorted(lock["stages"]) == sorted(STAGES)
     assert pipeline.metrics["tiny"] == json.loads((pipeline.repo / "metrics/tiny.json").read_text())
-    assert set(pipeline.metrics["tiny"]) == {"trained", "fixres", "selected"}
+    assert set(pipeline.metrics["tiny"]) == {"trained", "fixres", "selected", "machine"}
     client = mlflow.MlflowClient(pipeline.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("effnet").experiment_id])
     flow_runs = {r.data.tags.get("effnet.pipeline_run") for r in runs}
@@ -112,7 +112,7 @@ def test_the_flow_hands_a_multi_process_train_to_a_launcher_and_waits(pipeline, 
     overrides = ["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
     with prefect_test_harness():
         metrics = flow(workspace=str(repo), overrides=overrides, launcher=launcher)
-    assert set(metrics["tiny"]) == {"trained", "fixres"}
+    assert set(metrics["tiny"]) == {"trained", "fixres", "selected", "machine"}
     assert_clean(repo)
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("effnet").experiment_id],
