@@ -8,6 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export NO_MKDOCS_2_WARNING := 1  # mkdocs-material's banner about its successor, on every build
 UI_PORT ?= 5000
 DOCS_PORT ?= 8000
 PORT ?= 5001

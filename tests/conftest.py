@@ -1,6 +1,6 @@
-"""Shared fixtures: tiny params and data, built once per session with the real stages; the tiny pipeline, run once per
-session through the Prefect flow and `dvc repro`, for every test that needs a finished pipeline; every test runs in a
-temporary workspace so MLflow's embedded store and DVC state never touch the repo."""
+"""Shared fixtures: tiny params and data, built once per test session with the real stages; the tiny pipeline, run
+once per test session through the Prefect flow and `dvc repro`, for every test that needs a finished pipeline; every
+test runs in a temporary workspace so MLflow's embedded store and DVC state never touch the repo."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,7 @@ TINY_OVERRIDES = {
 }
 
 
-# The session's pipeline runs on real data: scikit-learn's digit scans (0-3, at 32 px), which the tiny model learns
+# The test session's pipeline runs on real data: scikit-learn's digit scans (0-3, at 32 px), which the tiny model learns
 # well above chance in 3 epochs; their test split exercises the honest figure end to end, and 20 % held out of
 # training (72 images) FixRes's choice.
 PIPELINE_OVERRIDES = {"demo_data": {"dataset": "digits", "image_size": 32}, "data": {"holdout": 0.2},
@@ -110,9 +110,9 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    """The tiny pipeline, run once per session as `make demo` runs it: `python flows/pipeline.py` in a fresh git repo
-    (a clone of this one with the tiny params) from an empty PREFECT_HOME, so Prefect's temporary server makes its
-    first start, each stage a `dvc repro` of dvc.yaml. Tests read it; a test that would change it works on
+    """The tiny pipeline, run once per test session as `make demo` runs it: `python flows/pipeline.py` in a fresh git
+    repo (a clone of this one with the tiny params) from an empty PREFECT_HOME, so Prefect's temporary server makes
+    its first start, each stage a `dvc repro` of dvc.yaml. Tests read it; a test that would change it works on
     `pipeline.copy(...)`."""
     repo = git_workspace(tmp_path_factory.mktemp("pipeline"), PIPELINE_OVERRIDES)
     home = tmp_path_factory.mktemp("prefect-home")

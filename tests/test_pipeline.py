@@ -33,6 +33,8 @@ def test_the_flow_ran_every_stage_through_dvc_and_returned_the_metrics(pipeline)
     assert sorted(lock["stages"]) == sorted(STAGES)
     assert pipeline.metrics["tiny"] == json.loads((pipeline.repo / "metrics/tiny.json").read_text())
     assert set(pipeline.metrics["tiny"]) == {"trained", "fixres", "selected", "machine"}
+    curves = json.loads((pipeline.repo / "plots/train/tiny.json").read_text())  # train's curves, one row an epoch
+    assert [row["epoch"] for row in curves] == [1, 2, 3]
     client = mlflow.MlflowClient(pipeline.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("effnet").experiment_id])
     flow_runs = {r.data.tags.get("effnet.pipeline_run") for r in runs}
@@ -45,7 +47,8 @@ def test_the_flow_waited_for_prefect_s_first_start_and_said_what_for(pipeline):
     20 s default on a slow machine; the flow waits its own longer timeout and says so in one line."""
     notices = [line for line in pipeline.log.splitlines() if line.startswith("effnet: waiting")]
     assert len(notices) == 1, pipeline.log[-3000:]
-    assert "up to 180 s for Prefect's temporary API server (a first start creates and migrates its database" in notices[0]
+    assert notices[0].startswith("effnet: waiting up to 180 s for Prefect's temporary API server (a first start "
+                                 "creates and migrates its database")
 
 
 @pytest.mark.parametrize("setting, reason", [
@@ -117,5 +120,5 @@ def test_the_flow_hands_a_multi_process_train_to_a_launcher_and_waits(pipeline, 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("effnet").experiment_id],
                               "tags.mlflow.runName = 'train@tiny'", order_by=["attributes.start_time DESC"])
-    assert len(runs) == 2 and runs[0].data.params["world_size"] == "2"  # the launcher's run, after the session's
+    assert len(runs) == 2 and runs[0].data.params["world_size"] == "2"  # the launcher's run, after the fixture's
     assert runs[0].data.tags["effnet.pipeline_run"] != runs[1].data.tags["effnet.pipeline_run"]
