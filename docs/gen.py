@@ -30,7 +30,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # flows/ for the serve command's --help
 
-HELP_COLUMNS = "100"  # argparse wraps --help to the terminal: the page gets the same width everywhere
+HELP_COLUMNS = "92"  # argparse wraps --help to the terminal: the page gets the same width everywhere
 
 
 # ---- text --------------------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def params_reference(root: Path) -> str:
     headers = ["key", "type", "default", "params.yaml", "description"]
     parts = []
     for section, field in config.Params.model_fields.items():
-        parts.append(f"## {section}\n\n{field.description}\n")
+        parts.append(f"## {section}\n\n{_cell(field.description)}\n")
         if section == "variants":
             keys = ", ".join(f"`{k}`" for k in given.get("variants", {}))
             parts.append(f"Each entry is `variants.<key>: {{model: ...}}` or `{{phi: ...}}`; params.yaml has "
