@@ -102,8 +102,7 @@ def start_api() -> None:
 
     # The server process inherits this process's stdout and stderr: point them at the log while it starts.
     sys.stdout.flush(), sys.stderr.flush()
-    terminal = os.dup(2)
-    saved = [os.dup(1), os.dup(2)]
+    saved = [os.dup(1), os.dup(2)]  # this process's own stdout and stderr, back after the start
     with log.open("w") as out:
         os.dup2(out.fileno(), 1), os.dup2(out.fileno(), 2)
     try:
@@ -111,7 +110,7 @@ def start_api() -> None:
         begun, told, exits = time.monotonic(), False, set()
         while not done.wait(0.2):
             if not told and (first or time.monotonic() - begun > SLOW_START_S):
-                os.write(terminal, f"effnet: waiting up to {timeout} s for Prefect's temporary API server ({why})\n"
+                os.write(saved[1], f"effnet: waiting up to {timeout} s for Prefect's temporary API server ({why})\n"
                          .encode())
                 told = True
             process = server.server_process
@@ -125,7 +124,6 @@ def start_api() -> None:
         for fd, copy in enumerate(saved, start=1):
             os.dup2(copy, fd)
             os.close(copy)
-        os.close(terminal)
     if failed:
         how = failed[0] if isinstance(failed[0], str) else f"no answer within {timeout} s"
         server.stop()
