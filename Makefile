@@ -8,11 +8,13 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export NO_MKDOCS_2_WARNING := 1  # mkdocs-material's banner about its successor, on every build
 UI_PORT ?= 5000
+DOCS_PORT ?= 8000
 PORT ?= 5001
 HOST ?= 127.0.0.1
 
-.PHONY: install demo ui serve serve-model test test-all zoo lock clean
+.PHONY: install demo ui docs docs-gen serve serve-model test test-all zoo lock clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,13 +27,25 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 install: $(VENV)/.installed
 
+# The run's figures beside the committed ones (HEAD) and the change: on another machine the last digits move (docs:
+# Reproduce and schedule). Outside a git checkout there is nothing to compare with: the figures alone.
 demo: install  ## the whole pipeline on the demo data, through the Prefect flow
 	$(PY) flows/pipeline.py
-	dvc metrics show
+	@echo "This run (workspace) beside the committed run (HEAD):"
+	@dvc metrics diff --all HEAD 2>/dev/null || dvc metrics show
 	@echo "Browse the runs and the registered model: make ui  (MLflow UI on http://127.0.0.1:$(UI_PORT))"
 
 ui: install  ## MLflow UI over the workspace's store
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+docs: install  ## the documentation site on http://127.0.0.1:8000 (DOCS_PORT=...), rebuilt as pages change
+	@$(PY) -c "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
+	  s.bind(('127.0.0.1', $(DOCS_PORT)))" 2>/dev/null || { echo "make docs: port $(DOCS_PORT) on 127.0.0.1 is taken;" \
+	  "choose another: make docs DOCS_PORT=8001" >&2; exit 2; }
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
+
+docs-gen: install  ## rewrite the docs' generated pages and pictures from their sources (after a demo run)
+	$(PY) docs/gen.py
 
 serve: install  ## the flow as a deployment on a cron schedule (CRON=..., NAME=...); trigger: prefect deployment run 'effnet-pipeline/nightly'
 	$(PY) flows/serve.py --name $(or $(NAME),nightly) --cron "$(or $(CRON),0 2 * * *)"
@@ -56,7 +70,7 @@ zoo: install  ## all 13 card variants through the whole DAG on tiny data (slow);
 	$(PY) -m pytest -m slow tests/test_zoo.py -s
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra docs --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 -o requirements.lock
 
 clean:

@@ -1,10 +1,20 @@
 """Synthetic ImageNet-like JPEGs for the benches: ~500x375, smooth content with fine noise, ~40-80 KB each."""
 from __future__ import annotations
 
+import datetime
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def provenance() -> dict:
+    """What a bench's figures carry: the day (UTC), the machine (`tracking.machine`) and the command that made them."""
+    from effnet import tracking
+    return {"date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "machine": tracking.machine(),
+            "command": shlex.join(["python", *sys.argv])}
 
 
 def print_rates(header: str, rows: list[tuple[str, float]], reference: str) -> None:

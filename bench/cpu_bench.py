@@ -60,6 +60,7 @@ from effnet import config, env, inference, models, variants  # noqa: E402
 from effnet.data import feed, held_splits, loaders, transforms  # noqa: E402
 from effnet.data.manifest import read_manifest  # noqa: E402
 from effnet.stages import demo_data, evaluate, shard, train  # noqa: E402
+from common import provenance  # noqa: E402
 
 
 def timed(step, batch: int, warmup: int, steps: int) -> float:
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
         args.epochs, args.warmup, args.steps, args.rounds = 2, 1, 2, 1
     params, key = bench_params(args)
     bench = Bench(params, key, args)
-    info = dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+    info = dict(**provenance(), torch=torch.__version__, cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                 threads=torch.get_num_threads(), variant=bench.variant.name, img_size=bench.size, batch=bench.batch,
                 workers=params.data.num_workers, epochs=args.epochs, dry_run=args.dry_run)
     print(json.dumps(info), flush=True)

@@ -13,6 +13,10 @@ DVC sees the change and re-runs what depends on it, and `git diff params.yaml` s
 Every stage's MLflow run is tagged `effnet.pipeline_run=<flow run id>` ($EFFNET_PIPELINE_RUN): one flow run
 reads as one unit in the MLflow UI.
 
+Prefect's API: `PREFECT_API_URL`'s server when it is set, else Prefect's temporary local server, which `main()`
+starts and waits for before the flow (`start_api`): a first start on a new PREFECT_HOME creates and migrates its
+database, ~10-30 s on 2 cores, past the 20 s Prefect waits by default.
+
 Multi-node training: with `launcher` (a command prefix such as `srun --nodes 4 --ntasks-per-node 8` or
 `torchrun --no-python --nnodes 2 ...`), each train task still runs `dvc repro train@<variant>` here, and the stage's
 `effnet train` hands itself to the launcher ($EFFNET_LAUNCHER) and waits for it; DVC then records the bundle the
@@ -39,6 +43,11 @@ VARIANT_STAGES = ["train", "fixres", "evaluate", "register"]
 
 LAUNCHER_ENV = "EFFNET_LAUNCHER"  # read by `effnet train` (effnet.cli)
 
+# Prefect waits 20 s for its temporary server; a first start on a new PREFECT_HOME (a fresh clone's `make demo`)
+# migrates the database first and has taken ~30 s on an idle 2-core machine. A user's setting wins.
+STARTUP_TIMEOUT_S = 180
+SLOW_START_S = 5  # a start taking longer says what it waits for (a first start says so at once)
+
 
 def stage_env(launcher: str | None = None) -> dict[str, str]:
     """The stages' `effnet` command lives beside this interpreter; DVC and MLflow stay offline; stages tag their
@@ -53,6 +62,74 @@ def stage_env(launcher: str | None = None) -> dict[str, str]:
     if launcher:
         environ[LAUNCHER_ENV] = launcher
     return environ
+
+
+def start_api() -> None:
+    """Make sure the flow has a Prefect API: PREFECT_API_URL's server when set, else Prefect's temporary local server,
+    started here and waited for up to STARTUP_TIMEOUT_S (or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS where
+    the user set it); the flow's client then finds it running. A first start, or one past SLOW_START_S, says what
+    it waits for. The server's own output goes to <PREFECT_HOME>/server.log. For entry points: a start that fails
+    exits the process with one line, as soon as the server gives up (Prefect's own wait restarts a server that
+    fails its start-up, exit status 3 as for a taken port, until the whole timeout has passed)."""
+    import threading
+    import time
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return
+    ephemeral = settings.server.ephemeral
+    user_set = "startup_timeout_seconds" in ephemeral.model_fields_set
+    timeout = ephemeral.startup_timeout_seconds if user_set else STARTUP_TIMEOUT_S
+    url = settings.server.database.connection_url.get_secret_value()
+    database = url.partition(":///")[2] if url.startswith("sqlite") else ""
+    first = bool(database) and not Path(database).exists()
+    why = f"a first start creates and migrates its database, {database}" if first else f"PREFECT_HOME={settings.home}"
+    log = Path(settings.home) / "server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    server, failed, done = SubprocessASGIServer(), [], threading.Event()
+
+    def start() -> None:
+        try:
+            server.start(timeout=timeout)
+        except Exception as e:  # its message carries the server's whole output: reported below in one line
+            failed.append(e)
+        finally:
+            done.set()
+
+    # The server process inherits this process's stdout and stderr: point them at the log while it starts.
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]  # this process's own stdout and stderr, back after the start
+    with log.open("w") as out:
+        os.dup2(out.fileno(), 1), os.dup2(out.fileno(), 2)
+    try:
+        threading.Thread(target=start, daemon=True).start()
+        begun, told, exits = time.monotonic(), False, set()
+        while not done.wait(0.2):
+            if not told and (first or time.monotonic() - begun > SLOW_START_S):
+                os.write(saved[1], f"effnet: waiting up to {timeout} s for Prefect's temporary API server ({why})\n"
+                         .encode())
+                told = True
+            process = server.server_process
+            if process is not None and process.poll() is not None:
+                exits.add(process.pid)
+                if process.returncode != 3 or len(exits) > 1:  # 3 once: a taken port, retried on another
+                    failed.append(f"its process exited with status {process.returncode}")
+                    break
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        for fd, copy in enumerate(saved, start=1):
+            os.dup2(copy, fd)
+            os.close(copy)
+    if failed:
+        how = failed[0] if isinstance(failed[0], str) else f"no answer within {timeout} s"
+        server.stop()
+        raise SystemExit(f"effnet: error: Prefect's temporary API server did not start ({how}; its output: {log});"
+                         " set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or PREFECT_API_URL to a"
+                         " running server")
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="dvc repro {target}")
@@ -127,5 +204,12 @@ def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides:
     return {key: json.loads((Path(workspace) / "metrics" / f"{key}.json").read_text()) for key in keys}
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`python flows/pipeline.py` (make demo): the flow once, on Prefect's temporary server; prints the metrics."""
+    env.configure()
+    start_api()
     print(json.dumps(pipeline(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,18 +15,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `flows` importable when run as a script
 
-from flows.pipeline import pipeline  # noqa: E402
+from flows.pipeline import pipeline, start_api  # noqa: E402
 
 DEFAULT_NAME = "nightly"
 DEFAULT_CRON = "0 2 * * *"  # 02:00 every day, in the server's timezone (UTC unless set)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--name", default=os.environ.get("EFFNET_DEPLOYMENT", DEFAULT_NAME))
-    ap.add_argument("--cron", default=os.environ.get("EFFNET_CRON", DEFAULT_CRON))
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python flows/serve.py", description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--name", default=os.environ.get("EFFNET_DEPLOYMENT", DEFAULT_NAME),
+                    help=f"the deployment's name (default: $EFFNET_DEPLOYMENT, else {DEFAULT_NAME})")
+    ap.add_argument("--cron", default=os.environ.get("EFFNET_CRON", DEFAULT_CRON),
+                    help=f"its schedule (default: $EFFNET_CRON, else '{DEFAULT_CRON}')")
     ap.add_argument("--workspace", default=".", help="the DVC workspace the flow runs in (default: cwd)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    start_api()
     pipeline.serve(name=args.name, cron=args.cron, pause_on_shutdown=False,
                    parameters={"workspace": str(Path(args.workspace).resolve())},
                    tags=["effnet"], description="shard, train, FixRes, evaluate and register every variant")

@@ -1,6 +1,6 @@
-"""Shared fixtures: tiny params and data, built once per session with the real stages; the tiny pipeline, run once per
-session through the Prefect flow and `dvc repro`, for every test that needs a finished pipeline; every test runs in a
-temporary workspace so MLflow's embedded store and DVC state never touch the repo."""
+"""Shared fixtures: tiny params and data, built once per test session with the real stages; the tiny pipeline, run
+once per test session through the Prefect flow and `dvc repro`, for every test that needs a finished pipeline; every
+test runs in a temporary workspace so MLflow's embedded store and DVC state never touch the repo."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,7 @@ TINY_OVERRIDES = {
 }
 
 
-# The session's pipeline runs on real data: scikit-learn's digit scans (0-3, at 32 px), which the tiny model learns
+# The test session's pipeline runs on real data: scikit-learn's digit scans (0-3, at 32 px), which the tiny model learns
 # well above chance in 3 epochs; their test split exercises the honest figure end to end, and 20 % held out of
 # training (72 images) FixRes's choice.
 PIPELINE_OVERRIDES = {"demo_data": {"dataset": "digits", "image_size": 32}, "data": {"holdout": 0.2},
@@ -86,7 +86,8 @@ class Pipeline:
     """A workspace where the whole tiny pipeline has run, and what the flow returned."""
 
     repo: Path
-    metrics: dict
+    metrics: dict  # what the flow printed
+    log: str  # the flow's stderr: Prefect's log and the stages' output
 
     @property
     def tracking_uri(self) -> str:
@@ -109,21 +110,21 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    """The tiny pipeline, run once per session as a user runs it: the Prefect flow in a fresh git repo (a clone of
-    this one with the tiny params), each stage a `dvc repro` of dvc.yaml. Tests read it; a test that would change
-    it works on `pipeline.copy(...)`."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.pipeline import pipeline as flow
-
+    """The tiny pipeline, run once per test session as `make demo` runs it: `python flows/pipeline.py` in a fresh git
+    repo (a clone of this one with the tiny params) from an empty PREFECT_HOME, so Prefect's temporary server makes
+    its first start, each stage a `dvc repro` of dvc.yaml. Tests read it; a test that would change it works on
+    `pipeline.copy(...)`."""
     repo = git_workspace(tmp_path_factory.mktemp("pipeline"), PIPELINE_OVERRIDES)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(repo)
-        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # tiny stages: sample often enough to log
-        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
-        with prefect_test_harness(server_startup_timeout=120):  # a busy machine starts it slowly
-            metrics = flow(workspace=str(repo))
-    return Pipeline(repo, metrics)
+    home = tmp_path_factory.mktemp("prefect-home")
+    environ = {**os.environ, "PREFECT_HOME": str(home),
+               "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1",  # tiny stages: sample often enough to log
+               "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
+    environ.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)  # the flow's own wait, as a user gets it
+    environ.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "flows/pipeline.py"], cwd=repo, env=environ, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return Pipeline(repo, json.loads(proc.stdout), proc.stderr)
 
 
 @pytest.fixture

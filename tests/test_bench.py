@@ -1,5 +1,5 @@
-"""The benches' own logic, where it can be wrong without a GPU: the largest-batch search of bench/memory_bench.py;
-and the CPU bench end to end, small (slow)."""
+"""The benches' own logic, where it can be wrong without a GPU: the largest-batch search of bench/memory_bench.py,
+what a bench's figures carry (date, machine, command); and the CPU bench end to end, small (slow)."""
 from __future__ import annotations
 
 import json
@@ -26,6 +26,19 @@ def test_largest_fit_finds_the_largest_multiple_of_the_step_in_few_tries():
             expected = min(limit, cap // 8 * 8) // 8 * 8
             assert largest_fit(fits, 32, step=8, cap=cap) == expected, (cap, limit)
             assert all(b % 8 == 0 and 0 < b <= cap for b in tried) and len(tried) <= 2 * cap.bit_length()
+
+
+def test_a_bench_s_figures_carry_their_date_machine_and_command(monkeypatch):
+    import datetime
+
+    from common import provenance
+
+    from effnet import tracking
+    monkeypatch.setattr(sys, "argv", ["bench/cpu_bench.py", "--variant", "tf_efficientnet_b0"])
+    got = provenance()
+    assert got["command"] == "python bench/cpu_bench.py --variant tf_efficientnet_b0"
+    assert got["machine"] == tracking.machine() and " cores, " in got["machine"]
+    assert got["date"] == datetime.datetime.now(datetime.timezone.utc).date().isoformat()
 
 
 def test_cpu_bench_takes_a_params_key_or_a_card_id_as_its_variant():
@@ -55,6 +68,7 @@ def test_cpu_bench_runs_every_row_and_writes_its_figures(tmp_path):
     subprocess.run([sys.executable, str(BENCH / "cpu_bench.py"), "--dry-run", "--out", str(out)], check=True,
                    timeout=900, capture_output=True)
     figures = json.loads(out.read_text())
+    assert {"date", "machine", "command"} <= set(figures["env"]) and "--dry-run" in figures["env"]["command"]
     assert all(row["img_s"] > 0 for row in figures["rows"]) and len(figures["rows"]) >= 11
     ratios = figures["ratios"]
     assert {"effnet train / ceiling", "effnet train / timm loop", "evaluate loop / model inference"} <= set(ratios)

@@ -1,6 +1,6 @@
-"""DVC as users work with it, on the session's tiny pipeline run (a copy of its workspace): `dvc push` to the default
-local remote, then `git clone` + `dvc pull` restores data, models and metrics byte for byte; `dvc metrics show`,
-`dvc plots show` (resolution sweep and confusion matrix) and `dvc exp run -S train.epochs=2` work."""
+"""DVC as users work with it, on the test session's tiny pipeline run (a copy of its workspace): `dvc push` to the
+default local remote, then `git clone` + `dvc pull` restores data, models and metrics byte for byte; `dvc metrics
+show`, `dvc plots show` (resolution sweep and confusion matrix) and `dvc exp run -S train.epochs=2` work."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +14,8 @@ import yaml
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 RESTORED = ["data/demo", "data/shards", "models/tiny/trained", "models/tiny/fixres", "models/tiny/registered.json",
-            "metrics/tiny.json", "plots/tiny_resolution.json", "plots/confusion/tiny.json", "dvc.lock"]
+            "metrics/tiny.json", "plots/tiny_resolution.json", "plots/confusion/tiny.json", "plots/train/tiny.json",
+            "dvc.lock"]
 
 
 def dvc(*args, cwd) -> subprocess.CompletedProcess:
@@ -71,9 +72,11 @@ def test_metrics_and_plots_show(pushed, tmp_path):
     # (the repo's own committed plots of other variants may be there too)
     resolution = [pid for pid in shown_plots if pid.endswith("plots/tiny_resolution.json")]
     confusion = [pid for pid in shown_plots if pid.endswith("plots/confusion/tiny.json")]
-    assert len(resolution) == 1 and len(confusion) == 1, list(shown_plots)
+    curves = [pid for pid in shown_plots if pid.endswith("plots/train/tiny.json")]
+    assert len(resolution) == 1 and len(confusion) == 1 and len(curves) == 1, list(shown_plots)
     assert '"fixres"' in templates[resolution[0]] and '"trained"' in templates[resolution[0]]
     assert '"predicted"' in templates[confusion[0]] and '"actual"' in templates[confusion[0]]
+    assert '"field": "epoch"' in templates[curves[0]] and '"field": "val_top1"' in templates[curves[0]]
     html = tmp_path / "html"
     ok(dvc("plots", "show", "-o", str(html), cwd=pushed))
     assert (html / "index.html").stat().st_size > 0

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import torch
 
-from effnet import inference, models
+from effnet import inference, models, tracking
 from effnet.data import gpu, loaders
 from effnet.data.manifest import in_holdout, read_manifest
 from effnet.stages import evaluate, fixres, shard
@@ -55,6 +55,7 @@ def test_evaluate_sweeps_both_models_and_writes_plot_and_png(tiny_params, shards
     metrics = result.metrics
     assert json.loads((workspace / "metrics.json").read_text()) == metrics
     selected = metrics.pop("selected")
+    assert metrics.pop("machine") == tracking.machine()  # where the figures were measured
     assert {label: set(m) for label, m in metrics.items()} == dict.fromkeys(bundles, {"res32", "res40"})
     rows = json.loads((workspace / "plots/tiny_resolution.json").read_text())
     assert [r["resolution"] for r in rows] == [24, 32, 40, 48]

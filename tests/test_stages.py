@@ -1,5 +1,5 @@
 """Each stage on tiny data, through its real components (timm, webdataset, Lightning, MLflow's sqlite store): the
-stages' outputs in the session's pipeline workspace, and the stage functions called directly."""
+stages' outputs in the test session's pipeline workspace, and the stage functions called directly."""
 from __future__ import annotations
 
 import hashlib
@@ -87,7 +87,7 @@ def test_eval_loader_sees_each_val_sample_once_and_train_epoch_length_comes_from
 
 @pytest.fixture(scope="module")
 def chain(pipeline):
-    """The stages' outputs in the session's pipeline workspace: train -> fixres -> evaluate -> register."""
+    """The stages' outputs in the test session's pipeline workspace: train -> fixres -> evaluate -> register."""
     ws = pipeline.repo
     return dict(ws=ws, trained=ws / "models/tiny/trained", fixres=ws / "models/tiny/fixres",
                 metrics=json.loads((ws / "metrics/tiny.json").read_text()),

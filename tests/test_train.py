@@ -2,6 +2,7 @@
 one process and on two ranks), NaN stop, and the speed settings predicting what plain fp32 does."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -139,7 +140,7 @@ def test_an_interrupted_run_resumed_exports_the_uninterrupted_runs_weights_bit_f
     """Killed (-9) mid-epoch, or stopped by SIGTERM (which saves a checkpoint at the next step and exits 143), then
     run again: one MLflow run, and the same bundle, bit for bit, as a run never interrupted."""
     params = write_tiny_params(tmp_path / "params.yaml")
-    cmd = _train_cmd(shards_dir, params, *RESUME_SETS)
+    cmd = _train_cmd(shards_dir, params, *RESUME_SETS) + ["--curves", "curves.json"]
     whole = _uninterrupted(cmd, tmp_path / "whole")
     rc, step, err, resumed = _interrupted(cmd, tmp_path / "interrupted", how)
     # Mid-epoch, whichever signal: SIGTERM never stops at an epoch's last batch (validation comes first).
@@ -153,6 +154,8 @@ def test_an_interrupted_run_resumed_exports_the_uninterrupted_runs_weights_bit_f
     uninterrupted = load_file(str(tmp_path / "whole/trained/model.safetensors"))
     assert all(torch.equal(interrupted[k], uninterrupted[k]) for k in uninterrupted)
     _assert_one_finished_run_of_every_step(tmp_path / "interrupted", EPOCHS * PER_EPOCH)
+    # the curves too: the epochs before the checkpoint, and the mean loss of the epoch it cut, came back with it
+    assert (tmp_path / "interrupted/curves.json").read_text() == (tmp_path / "whole/curves.json").read_text()
 
 
 @pytest.mark.slow
@@ -177,18 +180,24 @@ def test_two_ranks_interrupted_mid_epoch_resume_bit_for_bit(shards_dir, tmp_path
 
 def test_the_train_stage_repeats_bit_for_bit(tiny_params, shards_dir, tmp_path):
     """Two runs with the same params and data (and loader workers, which own the augmentation RNG) export the
-    same weights: what `dvc repro` of an unchanged stage promises."""
-    weights = []
+    same weights and the same training curves: what `dvc repro` of an unchanged stage promises. The curves have
+    one row per epoch, its val top-1 the one logged to MLflow."""
+    weights, curves = [], []
     for name in ("first", "second"):
         ws = tmp_path / name
         ws.mkdir()
         params = write_tiny_params(ws / "params.yaml")
-        done = subprocess.run(_train_cmd(shards_dir, params, "data.num_workers=1", "train.epochs=2"), cwd=ws,
-                              capture_output=True, text=True)
+        cmd = _train_cmd(shards_dir, params, "data.num_workers=1", "train.epochs=2") + ["--curves", "curves.json"]
+        done = subprocess.run(cmd, cwd=ws, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
         weights.append(load_file(str(ws / "trained" / "model.safetensors")))
+        curves.append(json.loads((ws / "curves.json").read_text()))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert curves[0] == curves[1] and [row["epoch"] for row in curves[0]] == [1, 2]
+    _, val = _history(tmp_path / "first", "val/top1")
+    assert [row["val_top1"] for row in curves[0]] == [round(100 * v, 4) for _, v in sorted(val.items())]
+    assert all(0 < row["train_loss"] < 10 for row in curves[0])
 
 
 def agreement(bundle, shards, splits=("val",)) -> dict[tuple[bool, bool], float]:

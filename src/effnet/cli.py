@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a variant on the shards")
     p.add_argument("shards", help="shards folder or fsspec URL")
     p.add_argument("out", type=Path, help="model bundle folder to write")
+    p.add_argument("--curves", type=Path, help="also write the per-epoch training curves (JSON rows for dvc plots)")
     _common(p, variant=True)
     p = sub.add_parser("fixres", help="FixRes fine-tune a trained bundle at a larger resolution")
     p.add_argument("shards", help="shards folder or fsspec URL")
@@ -132,7 +133,7 @@ def dispatch(args: argparse.Namespace) -> object:
         return shard.run(params.shard, args.src, args.out)
     if args.command == "train":
         from effnet.stages import train
-        return train.run(params, args.variant, args.shards, args.out)
+        return train.run(params, args.variant, args.shards, args.out, args.curves)
     if args.command == "fixres":
         from effnet.stages import fixres
         return fixres.run(params, args.variant, args.shards, args.trained, args.out)

@@ -18,14 +18,19 @@ from effnet.errors import EffnetError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A params.yaml section. Each field's docstring is its description: the docs' reference page is generated from
+    them (docs/gen.py), so every key says there what it does."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class VariantSpec(Section):
     """A params.yaml entry under `variants:`: a card ID or a compound-scaling phi."""
 
     model: str | None = None
+    """A row of the model card (`effnet variants`), e.g. tf_efficientnet_b0. Give this or phi."""
     phi: float | None = Field(default=None, ge=-12, le=8)
+    """Compound scaling of B0: width 1.1^phi, depth 1.2^phi, resolution 224 x 1.15^phi (0 is B0; -4 the demo's)."""
 
     @model_validator(mode="after")
     def _known(self) -> VariantSpec:
@@ -40,27 +45,42 @@ class VariantSpec(Section):
 
 
 class DemoDataConfig(Section):
-    # shapes: procedural (drawn here); digits: scikit-learn's 1,797 real 8x8 scans (inside its wheel), upscaled to
-    # image_size, split as its example does: first half train, second half val and test (alternately)
     dataset: Literal["shapes", "digits"] = "shapes"
+    """shapes: procedural shapes and textures, drawn here; digits: scikit-learn's 1,797 real 8x8 scans (inside its
+    wheel), upscaled to image_size and split as its example does (first half train, second half val and test)."""
     classes: int = Field(default=10, ge=2, le=10)
-    train_per_class: int = Field(default=200, ge=1)  # shapes only
-    val_per_class: int = Field(default=50, ge=1)  # shapes only
+    """Number of classes drawn."""
+    train_per_class: int = Field(default=200, ge=1)
+    """Training images per class (shapes only)."""
+    val_per_class: int = Field(default=50, ge=1)
+    """Validation images per class (shapes only)."""
     image_size: int = Field(default=96, ge=8)
+    """Side of the square JPEGs written, in pixels."""
     seed: int = 0
+    """Seed of the drawing."""
 
 
 class ShardConfig(Section):
     samples_per_shard: int = Field(default=1000, ge=1)
-    val_fraction: float = Field(default=0.1, gt=0, lt=1)  # held out of train (stratified) when there is no val split
-    shard_bytes: int | None = Field(default=None, ge=1)  # also cap each shard's size in bytes; None: count only
-    seed: int = 0  # order of samples across shards
-    max_side: int | None = Field(default=None, ge=16)  # None: keep JPEG bytes; else shrink larger images to it
-    quality: int = Field(default=95, ge=1, le=100)  # JPEG quality of re-encoded images
-    min_side: int = Field(default=8, ge=1)  # smaller images are rejected (1x1 pixels, icons)
-    max_pixels: int = Field(default=89_478_485, ge=1)  # larger images are rejected as decompression bombs (PIL's)
-    max_bad_fraction: float = Field(default=0.01, ge=0, le=1)  # more rejects (rounded up to files) fail the stage
-    workers: int | None = Field(default=None, ge=1)  # processes; None: all cores (does not change the output)
+    """Samples per webdataset tar."""
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    """Share of train held out as val (stratified, seeded) when the source has no val split."""
+    shard_bytes: int | None = Field(default=None, ge=1)
+    """Also cap each shard's size in bytes; null: by count only."""
+    seed: int = 0
+    """Order of the samples across shards."""
+    max_side: int | None = Field(default=None, ge=16)
+    """null: keep the JPEG bytes as they are; else shrink larger images to this side (re-encoded)."""
+    quality: int = Field(default=95, ge=1, le=100)
+    """JPEG quality of re-encoded images."""
+    min_side: int = Field(default=8, ge=1)
+    """Smaller images are rejected (1x1 pixels, icons)."""
+    max_pixels: int = Field(default=89_478_485, ge=1)
+    """Larger images are rejected as decompression bombs (PIL's bound)."""
+    max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
+    """More rejected files than this share (rounded up to whole files) fail the stage."""
+    workers: int | None = Field(default=None, ge=1)
+    """Processes; null: all cores (the output is the same whatever the count)."""
 
 
 def auto_workers() -> int:
@@ -69,80 +89,123 @@ def auto_workers() -> int:
 
 
 class DataConfig(Section):
-    source: str = "data/demo"  # an ImageFolder with train/ (val/, test/ optional) or a CSV/TSV of path,label[,split]
-    # loader processes decoding and augmenting images (0: in the training process). auto: one per core, at most 8.
-    # Training on the CPU they run at nice 19, in the step's gaps (2 cores: 2 workers 5-8 % faster than 1, 1.15x
-    # 0 workers: bench/cpu_bench.py)
-    num_workers: int = Field(default_factory=auto_workers, ge=0)
+    source: str = "data/demo"
+    """An ImageFolder with train/ (val/, test/ optional), or a CSV/TSV of path,label[,split]: what `shard` reads."""
+    num_workers: int = Field(default="auto", ge=0, validate_default=True)
+    """Loader processes decoding and augmenting images; 0: in the training process; auto: one per core, at most 8.
+    Training on the CPU they run at nice 19, in the step's gaps (2 cores: 2 workers train 5-8 % faster than 1).
+    With 1 or more, runs repeat bit for bit (the workers own the augmentations' RNG)."""
 
     @field_validator("num_workers", mode="before")
     @classmethod
     def _auto_workers(cls, value):
         return auto_workers() if value == "auto" else value
     shuffle_buffer: int = Field(default=1000, ge=0)
-    # share of the train samples (chosen by a hash of their key) that no stage trains on: fixres chooses its
-    # resolution on them (never on val, which evaluate selects on); 0: none (fixres.img_size auto then falls back)
+    """Samples in the training stream's shuffle buffer (per loader worker)."""
     holdout: float = Field(default=0.1, ge=0, lt=1)
-    # cpu: workers decode and augment (portable). gpu: workers read JPEG bytes only; the CUDA device decodes them
-    # in batches (nvjpeg) and crops, flips, auto-augments and normalises them; without CUDA: one warning, cpu.
+    """Share of the train samples (chosen by a hash of their key) that no stage trains on: fixres chooses its
+    resolution on them, never on val, which evaluate selects on; 0: none (fixres.img_size auto then falls back)."""
     decode: Literal["cpu", "gpu"] = "cpu"
-    # a split a stage measures many times (evaluate's sweep, fixres's resolution choice, val each epoch) is decoded
-    # once and held in memory when its decoded images fit in this many MiB; each pass then only resizes and crops.
-    # The training split too, in each loader worker, which then only augments after the first epoch (the workers
-    # share the MiB). 0: always stream
+    """cpu: loader workers decode and augment (portable). gpu: workers read the JPEG bytes only, the CUDA device
+    decodes them in batches (nvjpeg), crops, flips, auto-augments and normalises them; without CUDA: one warning,
+    then cpu."""
     hold_mb: int = Field(default=2048, ge=0)
+    """A split measured many times (evaluate's sweep, fixres's choice, val each epoch) is decoded once and held in
+    memory when its decoded images fit in this many MiB; the training split too, in each loader worker (they share
+    the MiB), which then only augment after the first epoch. 0: always stream."""
 
 
 class TrainConfig(Section):
-    img_size: int | None = Field(default=None, ge=16)  # None: the variant's own
+    img_size: int | None = Field(default=None, ge=16)
+    """Training resolution; null: the variant's own."""
     epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=64, ge=1)  # per device
-    # Lightning's gradient accumulation: global batch = batch_size x world size x this (the LR scaling rule's batch)
+    """Training epochs."""
+    batch_size: int = Field(default=64, ge=1)
+    """Images per device per step."""
     accumulate_grad_batches: int = Field(default=1, ge=1)
-    lr: float | None = Field(default=None, gt=0)  # None: the card's LR scaled linearly to the global batch
+    """Lightning's gradient accumulation: global batch = batch_size x world size x this (the batch the LR scaling
+    rule uses)."""
+    lr: float | None = Field(default=None, gt=0)
+    """null: the card's LR (0.256 at batch 2048; 0.128 for L2) scaled linearly to the global batch."""
     warmup_epochs: float = Field(default=1.0, ge=0)
-    decay_epochs: float = Field(default=2.4, gt=0)  # LR *= decay_rate every decay_epochs (the card's schedule)
+    """Linear LR warm-up, in epochs (counted in optimizer steps)."""
+    decay_epochs: float = Field(default=2.4, gt=0)
+    """LR x decay_rate every this many epochs (the card's schedule)."""
     decay_rate: float = Field(default=0.97, gt=0, le=1)
+    """The step decay's factor."""
     opt: str = "rmsproptf"
-    weight_decay: float | None = Field(default=None, ge=0)  # None: the card's
+    """timm optimizer name (`create_optimizer_v2`): the card's rmsproptf (TF-style RMSProp), adamw, sgd, ..."""
+    weight_decay: float | None = Field(default=None, ge=0)
+    """null: the card's 1e-5 (not applied to BatchNorm and bias)."""
     label_smoothing: float | None = Field(default=None, ge=0, lt=1)
-    # timm's regularisers, off by default (the card uses none): Mixup/CutMix alphas (0: off), how often a batch is
-    # mixed, how often CutMix is taken instead of Mixup when both are on, and per batch / pair / image
+    """null: the card's 0.1."""
     mixup: float = Field(default=0.0, ge=0)
+    """timm's Mixup alpha; 0: off (the card uses none)."""
     cutmix: float = Field(default=0.0, ge=0)
+    """timm's CutMix alpha; 0: off."""
     mixup_prob: float = Field(default=1.0, ge=0, le=1)
+    """How often a batch is mixed when mixup or cutmix is on."""
     mixup_switch_prob: float = Field(default=0.5, ge=0, le=1)
+    """How often CutMix is taken instead of Mixup when both are on."""
     mixup_mode: Literal["batch", "pair", "elem"] = "batch"
-    random_erase: float = Field(default=0.0, ge=0, le=1)  # probability per image (timm's reprob); 0: off
+    """Mix per batch, per pair or per image."""
+    random_erase: float = Field(default=0.0, ge=0, le=1)
+    """timm's RandomErasing probability per image (reprob); 0: off."""
     random_erase_mode: Literal["const", "rand", "pixel"] = "pixel"
-    random_erase_count: int = Field(default=1, ge=1)  # at most this many boxes per image
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (Inception/TF default)
-    # timm policy string: 'original' (the card's), 'rand-m9-mstd0.5', 'augmix-...' (CPU path only), None
+    """What an erased box is filled with."""
+    random_erase_count: int = Field(default=1, ge=1)
+    """At most this many boxes per image."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop's area range (the Inception/TF default)."""
     auto_augment: str | None = Field(default="original",
                                      pattern=r"^(original|originalr|v0|v0r|3a)$|^(rand|augmix)(-[a-z]+[0-9.]*)*$")
-    drop_rate: float | None = Field(default=None, ge=0, lt=1)  # None: the variant's dropout
-    drop_path_rate: float | None = Field(default=None, ge=0, lt=1)  # None: 1 - the card's survival prob
-    bn_momentum: float | None = Field(default=None, gt=0, lt=1)  # TF terms (0.99); None: the card's
-    pretrained: bool = False  # timm hub weights (online)
-    pretrained_file: str | None = None  # local safetensors/.pth weights (offline)
+    """timm policy string: original (AutoAugment, the card's), rand-m9-mstd0.5 (RandAugment), augmix-... (CPU path
+    only); null: none."""
+    drop_rate: float | None = Field(default=None, ge=0, lt=1)
+    """Dropout before the classifier; null: the variant's."""
+    drop_path_rate: float | None = Field(default=None, ge=0, lt=1)
+    """Stochastic depth; null: 1 - the card's survival probability (0.2)."""
+    bn_momentum: float | None = Field(default=None, gt=0, lt=1)
+    """BatchNorm momentum in TF terms (0.99 is PyTorch's 0.01); null: the card's 0.99."""
+    pretrained: bool = False
+    """Start from timm's hub weights (online)."""
+    pretrained_file: str | None = None
+    """Start from a local safetensors/.pth weights file (offline)."""
     accelerator: str = "auto"
+    """Lightning's accelerator: auto, cpu, gpu, tpu."""
     devices: int | str = 1
+    """Devices per node, in any form Lightning takes: 2, -1, auto, "0,1"."""
     num_nodes: int = Field(default=1, ge=1)
+    """Nodes; num_nodes x devices must match the processes a launcher starts."""
     strategy: str = "auto"
-    sync_bn: bool = False  # BatchNorm statistics over the global batch under DDP (the TPU recipe's cross-replica BN)
-    # null/auto: chosen per device from measurement (lightning.AUTO), and logged
-    precision: str | None = None  # None: bf16-mixed on GPU, bf16-true on TPU, 32 on CPU
-    channels_last: bool | Literal["auto"] = "auto"  # model and batches in NHWC; auto: on CUDA and CPU
-    compile: bool | Literal["auto"] = "auto"  # torch.compile the trained model's forward; auto: on CUDA only
+    """Lightning's strategy: auto, ddp, ..."""
+    sync_bn: bool = False
+    """BatchNorm statistics over the global batch under DDP (the TPU recipe's cross-replica BatchNorm)."""
+    precision: str | None = None
+    """Lightning's precision; null: bf16-mixed on GPU, bf16-true on TPU, 32 on CPU (bf16 is no faster there)."""
+    channels_last: bool | Literal["auto"] = "auto"
+    """Model and batches in NHWC; auto: on CUDA and CPU (1.5x+ on a CPU)."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the model's forward; auto: on CUDA only (a CPU run would spend minutes compiling)."""
     seed: int = 0
+    """Seed of the model init, the shard stream and the augmentations."""
     progress_bar: bool = True
-    log_every_n_steps: int = Field(default=50, ge=1)  # metrics to MLflow (and the NaN check: a host sync) this often
-    ema_decay: float | None = Field(default=0.9999, gt=0, lt=1)  # EMA of the weights (validated, exported); None: off
-    checkpoint_every_n_steps: int | None = Field(default=1000, ge=1)  # plus one at each epoch end; None: epochs only
-    checkpoint_dir: str = ".effnet/checkpoints"  # outside the DVC out (DVC deletes outs before a stage runs)
-    resume: bool = True  # continue from the variant's last checkpoint (and its MLflow run) if one is there
-    max_time: str | None = Field(default=None, pattern=r"^\d{2}:\d{2}:\d{2}:\d{2}$")  # DD:HH:MM:SS; None: no limit
-    early_stop_patience: int | None = Field(default=None, ge=1)  # epochs without a better val top-1; None: off
+    """The rich progress bar (a line per epoch is logged either way)."""
+    log_every_n_steps: int = Field(default=50, ge=1)
+    """Metrics to MLflow, and the NaN check (a host sync on a GPU), every this many steps."""
+    ema_decay: float | None = Field(default=0.9999, gt=0, lt=1)
+    """Exponential moving average of the weights, warmed up from 0: the model validated and exported; null: off."""
+    checkpoint_every_n_steps: int | None = Field(default=1000, ge=1)
+    """last.ckpt every this many optimizer steps, and at each epoch end; null: at epoch ends only."""
+    checkpoint_dir: str = ".effnet/checkpoints"
+    """Where last.ckpt is kept, per variant: outside the DVC output (DVC deletes outputs before a stage runs)."""
+    resume: bool = True
+    """Continue from the variant's last checkpoint (and its MLflow run) when one is there, made with the same
+    params and data."""
+    max_time: str | None = Field(default=None, pattern=r"^\d{2}:\d{2}:\d{2}:\d{2}$")
+    """DD:HH:MM:SS, Lightning's time budget; null: none."""
+    early_stop_patience: int | None = Field(default=None, ge=1)
+    """Epochs without a better val top-1 before stopping (the best epoch's EMA is exported); null: off."""
 
     @model_validator(mode="after")
     def _pairs(self) -> TrainConfig:
@@ -153,68 +216,102 @@ class TrainConfig(Section):
 
 
 class FixResConfig(Section):
-    # auto: the candidate resolution that scores best on the training samples held out of training (data.holdout)
-    # once the BatchNorm statistics are re-estimated there; a number: that resolution; None: train res * scale
     img_size: Annotated[int, Field(ge=16)] | Literal["auto"] | None = "auto"
+    """auto: the candidate resolution that scores best on the held-out training samples (data.holdout) once the
+    BatchNorm statistics are re-estimated there; a number: that resolution; null: train resolution x scale."""
     scale: float = Field(default=1.15, gt=0)
-    candidates: list[PositiveFloat] = Field(default=[1.0, 1.15, 1.3, 1.45, 1.6], min_length=1)  # auto: x train res
-    min_holdout: int = Field(default=50, ge=1)  # fewer held-out images: no choice (auto falls back to the scale)
-    # at most this many images per pass (BatchNorm re-estimation, scoring): 1000 estimate a BatchNorm's statistics
-    # well (and over every spatial position), and the demo's choice takes half the time it took with all 2,160
+    """Train resolution x this when no choice is made (too few held-out images, or img_size null)."""
+    candidates: list[PositiveFloat] = Field(default=[1.0, 1.15, 1.3, 1.45, 1.6], min_length=1)
+    """Resolutions tried by auto, as multiples of the train resolution."""
+    min_holdout: int = Field(default=50, ge=1)
+    """Fewer held-out images than this: no choice (auto falls back to scale), said in one line."""
     max_images: int = Field(default=1000, ge=1)
+    """At most this many images per pass (BatchNorm re-estimation, scoring): 1000 estimate a BatchNorm's statistics
+    well, over every spatial position."""
     epochs: int = Field(default=2, ge=1)
+    """Fine-tuning epochs at the chosen resolution."""
     batch_size: int = Field(default=64, ge=1)
+    """Images per step."""
     lr: float = Field(default=1e-2, gt=0)
+    """SGD learning rate of the fine-tuning."""
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    unfreeze: list[str] = []  # more module names to fine-tune beyond the classifier and last BatchNorm
+    """SGD momentum."""
+    unfreeze: list[str] = []
+    """More module names to fine-tune beyond the classifier and the last BatchNorm."""
     seed: int = 0
+    """Seed of the fine-tuning's stream."""
 
 
 class EvaluateConfig(Section):
     batch_size: int = Field(default=128, ge=1)
-    # Resolutions swept for the accuracy-vs-resolution plot, as multiples of the smallest model's resolution
-    # (every model's own resolution is always included).
+    """Images per forward pass."""
     sweep: list[PositiveFloat] = Field(default=[0.75, 0.875, 1.0, 1.15, 1.25, 1.5], min_length=1)
+    """Resolutions measured, as multiples of the smaller model resolution (each model's own is always added): the
+    candidates evaluate selects from and the accuracy-against-resolution plot."""
 
 
 class RegistryConfig(Section):
-    alias: str = "champion"  # moved to a new version only when it beats the current one by `margin`
+    alias: str = "champion"
+    """The alias of the published version: moved to a new version only when it beats the current one by margin."""
     challenger_alias: str = "challenger"
-    margin: float = Field(default=0.0, ge=0)  # top-1 points
-    # A champion measured on other val data (another fingerprint) is not comparable: False keeps it and leaves
-    # the new version challenger (the decision says why); True promotes the new version.
+    """The alias a new version gets."""
+    margin: float = Field(default=0.0, ge=0)
+    """Top-1 points a new version must gain over the champion to take its alias."""
     promote_on_new_data: bool = False
+    """A champion measured on other data (another fingerprint) is not comparable: false keeps it and leaves the new
+    version challenger (the decision says why); true promotes the new version."""
 
 
 class PredictConfig(Section):
     batch_size: int = Field(default=32, ge=1)
-    num_workers: int = Field(default=2, ge=0)  # loader processes decoding images; 0: in the main process
-    topk: int = Field(default=5, ge=1)  # classes per image (at most the model's)
-    device: str = "auto"  # auto: CUDA when there is a device, else the CPU; or any torch device ("cpu", "cuda:1")
+    """Images per forward pass."""
+    num_workers: int = Field(default=2, ge=0)
+    """Loader processes decoding images; 0: in the main process."""
+    topk: int = Field(default=5, ge=1)
+    """Classes per image (at most the model's)."""
+    device: str = "auto"
+    """auto: CUDA when there is a device, else the CPU; or any torch device (cpu, cuda:1)."""
 
 
 class ExportConfig(Section):
-    opset: int = Field(default=18, ge=13)  # ONNX opset, pinned: an exporter's default moves with its version
-    atol: float = Field(default=1e-4, gt=0)  # parity bound: max |logit difference|, PyTorch vs onnxruntime, fp32
-    parity_images: int = Field(default=8, ge=1)  # images checked (synthetic, or the first of `effnet export --images`)
+    opset: int = Field(default=18, ge=13)
+    """ONNX opset, pinned: an exporter's default moves with its version."""
+    atol: float = Field(default=1e-4, gt=0)
+    """Parity bound: the largest |logit difference| allowed, PyTorch against onnxruntime, fp32."""
+    parity_images: int = Field(default=8, ge=1)
+    """Images checked: the first of `effnet export --images`, else synthetic ones."""
 
 
 class MlflowConfig(Section):
     experiment: str = "effnet"
+    """The MLflow experiment every stage's run goes to."""
 
 
 class Params(Section):
+    """Every section of params.yaml."""
+
     variants: dict[str, VariantSpec] = Field(min_length=1)
+    """The models to build, by key: dvc.yaml makes train@<key>, fixres@<key>, ... for each."""
     demo_data: DemoDataConfig = DemoDataConfig()
+    """`effnet demo-data`: the built-in datasets."""
     data: DataConfig = DataConfig()
+    """The data source and how every stage reads the shards."""
     shard: ShardConfig = ShardConfig()
+    """`effnet shard`: ImageFolder or CSV to webdataset tars."""
     train: TrainConfig = TrainConfig()
+    """`effnet train`: the card's recipe wherever a key is null."""
     fixres: FixResConfig = FixResConfig()
+    """`effnet fixres`: the test resolution and the fine-tuning there."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """`effnet evaluate`: the resolution sweep."""
     registry: RegistryConfig = RegistryConfig()
+    """`effnet register`: aliases and promotion."""
     predict: PredictConfig = PredictConfig()
+    """`effnet predict`."""
     export: ExportConfig = ExportConfig()
+    """`effnet export`, and the ONNX file register stores with each version."""
     mlflow: MlflowConfig = MlflowConfig()
+    """Where the runs go (the store: MLFLOW_TRACKING_URI, else mlflow.db in the workspace)."""
 
     def variant(self, key: str) -> variants.Variant:
         if key not in self.variants:

@@ -30,7 +30,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics.aggregation import SumMetric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from effnet import io, models, tracking
@@ -99,6 +99,8 @@ class Classifier(pl.LightningModule):
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_images = SumMetric()  # across ranks: each val image is counted once
+        self.epoch_loss = MeanMetric()  # the epoch's mean training loss, for `Curves`; on the device, no sync a step
+        self.epoch_loss.persistent(True)  # in the checkpoint: an epoch resumed mid-way keeps its whole mean
         if trainable is not None:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -129,6 +131,7 @@ class Classifier(pl.LightningModule):
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self.check_finite()
         self.train_top1(logits, y)
+        self.epoch_loss.update(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=False)
         return loss
@@ -214,6 +217,34 @@ class EpochSummary(pl.Callback):
         shown = {k: f"{v.item():.4g}" for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/top1")}
         rank_zero_info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
                        + " ".join(f"{k} {v}" for k, v in shown.items()) + f" ({rate:.0f} img/s train)")
+
+
+class Curves(pl.Callback):
+    """The training curves, one row per epoch: its mean training loss and the val top-1 (%) after it (the train
+    stage writes them for `dvc plots`). The rows are in the checkpoint, and an epoch's row is made at validation end,
+    before Lightning saves that epoch's checkpoint there: a resumed run's curves are whole."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        loss = pl_module.epoch_loss.compute().item()  # every rank: the mean over all of them
+        pl_module.epoch_loss.reset()
+        self.rows.append({"epoch": trainer.current_epoch + 1, "train_loss": round(loss, 4),
+                          "val_top1": round(100 * trainer.callback_metrics["val/top1"].item(), 4)})
+
+
+def curves(trainer: pl.Trainer) -> list[dict]:
+    """The rows `Curves` made during TRAINER's fit."""
+    return next(c for c in trainer.callbacks if isinstance(c, Curves)).rows
 
 
 # What `train.channels_last: auto`, `train.compile: auto` and `train.precision: null` choose on each kind of
@@ -416,7 +447,7 @@ def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None,
     `checkpoint_callbacks` says and on SIGTERM; ACCUMULATE batches per optimizer step; SYNC_BN: BatchNorm statistics
     over all ranks; MAX_TIME: Lightning's time budget (DD:HH:MM:SS); PATIENCE: early stopping on val top-1 (epochs
     without a better one), keeping `best.ckpt`."""
-    callbacks = [LearningRateMonitor(logging_interval="step"), EpochSummary()]
+    callbacks = [LearningRateMonitor(logging_interval="step"), EpochSummary(), Curves()]
     if cfg.progress_bar:
         callbacks.append(ProgressBar())
     if patience:

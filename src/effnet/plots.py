@@ -1,4 +1,5 @@
-"""Figures as PNG files (matplotlib, headless): accuracy against resolution, and the confusion matrix."""
+"""Figures as PNG files (matplotlib, headless): accuracy against resolution, the confusion matrix, the training
+curves."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,6 +49,24 @@ def confusion_png(matrix: list[list[int]], classes: list[str], title: str, path:
                     ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if rate[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="actual", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_png(rows: list[dict], title: str, path: Path) -> None:
+    """The training curves side by side: ROWS are `{"epoch": n, "train_loss": mean, "val_top1": %}` (the train
+    stage's curves file)."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in rows]
+    fig, (loss, top1) = plt.subplots(1, 2, figsize=(9, 3.6))
+    loss.plot(epochs, [r["train_loss"] for r in rows], marker=".", color="tab:red")
+    loss.set(xlabel="epoch", ylabel="mean training loss")
+    top1.plot(epochs, [r["val_top1"] for r in rows], marker=".")
+    top1.set(xlabel="epoch", ylabel="val top-1 (%)")
+    for ax in (loss, top1):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -36,6 +36,28 @@ PIPELINE_RUN_NAME_ENV = "EFFNET_PIPELINE_RUN_NAME"
 DATA_OUT = "data/shards"  # the dvc.yaml output whose dvc.lock hash identifies the data a run saw
 
 
+def machine() -> str:
+    """This machine as a figure should name it: the CPU model with its family and model numbers (oneDNN chooses its
+    kernels by the CPU, so the weights and the last digits of a figure move with it), the cores this process may
+    use, and the GPUs. E.g. `AMD EPYC (family 26, model 2), 2 cores, x86_64, no GPU`."""
+    import platform
+
+    import torch
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    cpu = info.get("model name") or platform.processor() or "unknown CPU"
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+           else "no GPU")
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.machine()}, {gpu}"
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 

@@ -136,6 +136,20 @@ def records(phis: Sequence[float] = (), measure: Measure | None = None, measure_
     return out
 
 
+COLUMNS = {"name": "variant", "img_size": "img", "crop_pct": "crop", "interpolation": "interp", "width": "width",
+           "depth": "depth", "dropout": "drop", "params": "params M", "params_measured": "built M",
+           "flops": "GFLOPs", "flops_measured": "built GMACs", "top1": "top1", "top5": "top5"}
+
+
+def cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The table of ROWS (`records`) as text: the headers of the columns they have, and one list of cells a row
+    (`tf_efficientnet_` left out of the names). `effnet variants` prints it; the docs' card table is made of it."""
+    columns = {k: h for k, h in COLUMNS.items() if k in rows[0]}
+    text = [["" if r[k] is None else f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in columns]
+            for r in ({**r, "name": r["name"].removeprefix("tf_efficientnet_")} for r in rows)]
+    return list(columns.values()), text
+
+
 def show(phis: list[float], as_json: bool = False, measure: Measure | None = None, measure_flops: bool = False
          ) -> None:
     """Print the card table (and any compound-scaled variants) with rich, or as JSON."""
@@ -145,22 +159,17 @@ def show(phis: list[float], as_json: bool = False, measure: Measure | None = Non
         return
     from rich.console import Console
     from rich.table import Table
-    columns = {"name": "variant", "img_size": "img", "crop_pct": "crop", "interpolation": "interp", "width": "width",
-               "depth": "depth", "dropout": "drop", "params": "params M", "params_measured": "built M",
-               "flops": "GFLOPs", "flops_measured": "built GMACs", "top1": "top1", "top5": "top5"}
-    columns = {k: h for k, h in columns.items() if k in rows[0]}
+    headers, text = cells(rows)
     title = "TF-EfficientNet variants (model card; tf_efficientnet_ omitted)"
     if measure_flops:
         title += "; built: the model built at img, GMACs = multiply-adds"
-    cells = [["" if r[k] is None else f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in columns]
-             for r in ({**r, "name": r["name"].removeprefix("tf_efficientnet_")} for r in rows)]
     t = Table(title=title)
-    for key, header in columns.items():
-        t.add_column(header, justify="left" if key in ("name", "interpolation") else "right", no_wrap=True)
-    for row in cells:
+    for header in headers:
+        t.add_column(header, justify="left" if header in ("variant", "interp") else "right", no_wrap=True)
+    for row in text:
         t.add_row(*row)
     console = Console()
     if not console.is_terminal:  # piped: as wide as the table needs, not the 80 columns rich assumes
-        need = sum(max(len(h), *(len(row[i]) for row in cells)) + 3 for i, h in enumerate(columns.values())) + 1
+        need = sum(max(len(h), *(len(row[i]) for row in text)) + 3 for i, h in enumerate(headers)) + 1
         console = Console(width=max(console.width, need))
     console.print(t)

@@ -5,8 +5,8 @@ val top-1 (ties: the smaller resolution, then the model given first).
 
 Selecting on val and reporting val is optimistic: when the shards have a test split, the selected candidate is
 measured on it once, and that is the figure `register` publishes. Outputs: the metrics JSON (every model at every
-model's own resolution, and `selected`), the sweep as a DVC plot (`plots/<variant>_resolution.json`, one line per
-model) and PNG, and the selected candidate's confusion matrix and per-class precision/recall on the reported split
+model's own resolution, `selected`, and the `machine` that measured them), the sweep as a DVC plot
+(`plots/<variant>_resolution.json`, one line per model) and PNG, and the selected candidate's confusion matrix and per-class precision/recall on the reported split
 (test, else val): a DVC confusion plot (`plots/confusion/<variant>.json`) and, in the MLflow run, a PNG, the
 per-class table and the shard manifest."""
 from __future__ import annotations
@@ -44,17 +44,19 @@ class Evaluation(BaseModel):
     matrix: list[list[int]]  # the selected candidate's confusion matrix on the reported split
     per_class: list[dict]  # ClassStats.table()
     macro: dict[str, float]  # macro precision/recall (in %)
+    machine: str  # where it was measured (tracking.machine): figures repeat to the last digit only on the same one
 
     @property
     def metrics(self) -> dict:
-        """The metrics JSON: every model at every model's own resolution, and the selected candidate."""
+        """The metrics JSON: every model at every model's own resolution, the selected candidate, and the machine
+        that measured them."""
         sizes = sorted(set(self.own.values()))
         table = {label: {f"res{size}": by_size[size] for size in sizes} for label, by_size in self.sweep.items()}
         selected = {"model": self.selected.model, "resolution": self.selected.resolution,
                     "val_top1": self.selected.top1, "val_top5": self.selected.top5}
         if self.reported_on != "val":
             selected |= {f"{self.reported_on}_{k}": v for k, v in self.reported.items()}
-        return table | {"selected": selected}
+        return table | {"selected": selected, "machine": self.machine}
 
     @property
     def at(self) -> str:
@@ -122,7 +124,8 @@ def measure(params: Params, shards: str | Path, bundles: dict[str, Path]) -> Eva
         images = held(reported_on)
     reported = score(selected.model, selected.resolution, reported_on, images, stats.metrics)
     return Evaluation(sweep=sweep, own=own, selected=selected, reported_on=reported_on, reported=reported,
-                      classes=stats.classes, matrix=stats.matrix(), per_class=stats.table(), macro=stats.macro())
+                      classes=stats.classes, matrix=stats.matrix(), per_class=stats.table(), macro=stats.macro(),
+                      machine=tracking.machine())
 
 
 def select(sweep: dict[str, dict[int, dict[str, float]]], order: list[str]) -> Candidate:
@@ -146,8 +149,9 @@ def log(evaluation: Evaluation, params: Params, variant_key: str, shards: str | 
     mlflow.log_params({"evaluate." + k: v for k, v in params.evaluate.model_dump().items()})
     mlflow.log_params({"selected.model": selected.model, "selected.resolution": selected.resolution,
                        "reported_on": split})
-    mlflow.log_metrics({f"{label}.{res}.{k}": v for label, by_res in evaluation.metrics.items() if label != "selected"
-                        for res, m in by_res.items() for k, v in m.items()})
+    mlflow.log_metrics({f"{label}.{res}.{k}": v for label in evaluation.sweep
+                        for res, m in evaluation.metrics[label].items() for k, v in m.items()})
+    mlflow.set_tag("machine", evaluation.machine)
     mlflow.log_metrics({f"selected.val_{k}": getattr(selected, k) for k in ("top1", "top5")}
                        | {f"selected.{split}_{k}": v for k, v in evaluation.reported.items()}
                        | {f"selected.{split}_{k}": v for k, v in evaluation.macro.items()})

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from pydantic import BaseModel
 from torch import nn
 
-from effnet import lightning, models
+from effnet import io, lightning, models
 from effnet.config import Params, TrainConfig
 from effnet.data import feed, regularise, transforms
 from effnet.data.manifest import read_manifest
@@ -30,6 +30,7 @@ class TrainResult(BaseModel):
     steps: int  # optimizer steps taken (resumed runs: counting those before the resume)
     weights: str  # sha256 of the exported weights (every rank's own: under DDP they are the same)
     decode: str  # the data path that ran: cpu or gpu
+    curves: Path | None  # the per-epoch curves written (rank 0, when asked for)
 
 
 @dataclass
@@ -45,17 +46,23 @@ class Trained:
     rank: int
     steps: int
     decode: str
+    curves: list[dict]  # per epoch: epoch, train_loss, val_top1 (lightning.Curves)
 
 
-def run(params: Params, variant_key: str, shards: str | Path, out: Path) -> TrainResult:
-    """Train variant `variant_key` on SHARDS; write the model bundle to OUT (rank 0)."""
+def run(params: Params, variant_key: str, shards: str | Path, out: Path, curves: Path | None = None) -> TrainResult:
+    """Train variant `variant_key` on SHARDS; write the model bundle to OUT and, with CURVES, the per-epoch training
+    curves there as JSON rows (`dvc plots`), on rank 0."""
     trained = fit_model(params, variant_key, shards)
-    if trained.rank == 0:
+    written = trained.rank == 0
+    if written:
         write(trained, params, out)
-    return TrainResult(bundle=Path(out) if trained.rank == 0 else None, run_id=trained.run_id, spec=trained.spec,
+        if curves:
+            io.write_json(curves, trained.curves)
+    return TrainResult(bundle=Path(out) if written else None, run_id=trained.run_id, spec=trained.spec,
                        lr=trained.lr, global_batch=trained.global_batch, world_size=trained.world_size,
                        rank=trained.rank, steps=trained.steps,
-                       weights=models.weights_hash(trained.module.eval_model), decode=trained.decode)
+                       weights=models.weights_hash(trained.module.eval_model), decode=trained.decode,
+                       curves=Path(curves) if curves and written else None)
 
 
 def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
@@ -88,7 +95,7 @@ def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
     spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
                             phi=variant.phi, classes=classes, preprocessing=pre)
     return Trained(module, spec, run_id, lr, global_batch, trainer.world_size, trainer.global_rank, trainer.global_step,
-                   decode)
+                   decode, lightning.curves(trainer))
 
 
 def write(trained: Trained, params: Params, out: Path) -> None:
