@@ -31,7 +31,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.concurrency.sync import concurrency
 
-from effnet import config, env, io
+from effnet import config, env, io, services, tracking
+from effnet.errors import EffnetError
 
 SHARED_STAGES = ["demo-data", "shard"]
 VARIANT_STAGES = ["train", "fixres", "evaluate", "register"]
@@ -115,6 +116,7 @@ def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides:
     keys = variants or list(params.variants)
     for key in keys:
         params.variant(key)  # unknown variant: fail before any work
+    tracking.check()  # the stages' MLflow store, down or malformed: one line now, not at the first stage that logs
     limit = workspace_limit(workspace)
     log.info("waiting for the workspace (concurrency limit %s)", limit)
     with concurrency(limit, occupy=1, strict=True):
@@ -127,5 +129,26 @@ def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides:
     return {key: json.loads((Path(workspace) / "metrics" / f"{key}.json").read_text()) for key in keys}
 
 
+def check_prefect_api() -> None:
+    """$PREFECT_API_URL, when set, answers `GET /health` within seconds; else EffnetError naming it, in one line
+    (Prefect itself would fail with a traceback when the flow starts). Unset: Prefect starts a temporary server."""
+    from prefect.settings import get_current_settings
+    url = get_current_settings().api.url
+    if url and (problem := services.http_problem(url.rstrip("/") + "/health")):
+        raise EffnetError(f"PREFECT_API_URL {url}: {problem}")
+
+
+def main() -> int:
+    """`python flows/pipeline.py` (`make demo`): the flow on this workspace, after checking the Prefect API."""
+    env.configure()
+    try:
+        check_prefect_api()
+        print(json.dumps(pipeline(), indent=2))
+    except EffnetError as e:
+        print(f"effnet: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(pipeline(), indent=2))
+    sys.exit(main())

@@ -129,6 +129,10 @@ class TrainConfig(Section):
     devices: int | str = 1
     num_nodes: int = Field(default=1, ge=1)
     strategy: str = "auto"
+    # seconds a collective (a gradient all-reduce, a barrier) may wait for the other ranks under ddp (or fsdp) before
+    # it fails: a rank that died or hangs stops the others within this, not PyTorch's 30 min. Give it the longest
+    # a healthy rank may lag: rank 0 writing a checkpoint, loader start-up
+    collective_timeout: int = Field(default=600, ge=1)
     sync_bn: bool = False  # BatchNorm statistics over the global batch under DDP (the TPU recipe's cross-replica BN)
     # null/auto: chosen per device from measurement (lightning.AUTO), and logged
     precision: str | None = None  # None: bf16-mixed on GPU, bf16-true on TPU, 32 on CPU

@@ -76,6 +76,7 @@ def run(params: Params, variant_key: str, metrics_file: Path, bundles: dict[str,
 
     SHARDS (optional) gives the data fingerprints the promotion compares on; PLOT (optional, evaluate's sweep rows)
     the candidate table of the model card."""
+    tracking.check()  # a store that is down stops the stage here, in seconds, before the ONNX export
     experiment_id = tracking.experiment(params.mlflow.experiment)
     run_tags = tracking.run_tags(variant_key, params, "register", experiment_id=experiment_id)
     new = describe(variant_key, json.loads(Path(metrics_file).read_text()), bundles, shards,
