@@ -330,6 +330,81 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_one_before_resumes_
     assert result_json(afresh.stdout)["weights"] == result_json(whole.stdout)["weights"]
 
 
+# ---- 7: a full disk -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MiB tmpfs mounted in TMP_PATH, for a test to fill; skipped, with the reason, where it cannot be mounted
+    (not root, or a container without the right to mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small filesystem to fill here (mount -t tmpfs: "
+                    f"{done.stderr.strip() or done.returncode}): the disk-full tests need root or CAP_SYS_ADMIN")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write DISK full (1 MiB at a time, then byte by byte to the last one); returns the filler to remove later."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+    return filler
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    from effnet import io
+    return {p.name: io.sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_a_disk_full_while_sharding_is_one_line_and_the_previous_shards_stay_whole(tiny_params, demo_dir, small_disk):
+    from effnet.errors import EffnetError
+    from effnet.stages import shard
+    out = small_disk / "shards"
+    shard.run(tiny_params.shard, demo_dir, out)
+    before = snapshot(out)
+    fill(small_disk)
+    smaller = tiny_params.shard.model_copy(update={"samples_per_shard": 8})  # other shards, over the same names
+    with pytest.raises(EffnetError) as e:
+        shard.run(smaller, demo_dir, out)
+    assert str(e.value) == f"{out}: shards not written: No space left on device (what was there is as it was)"
+    assert snapshot(out) == before  # the manifest and every shard, byte for byte; no .tmp left
+
+
+def test_a_disk_full_while_checkpointing_stops_in_one_line_keeps_the_last_good_one_and_resumes(shards_dir, tmp_path,
+                                                                                             small_disk):
+    params = write_tiny_params(tmp_path / "params.yaml")
+    folder = small_disk / "checkpoints/tiny"
+    cmd = effnet(*train_args(shards_dir, params, *LOGGED_SETS, f"train.checkpoint_dir={small_disk / 'checkpoints'}"))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_until("the first checkpoint", (folder / "last.ckpt").is_file, 300, proc)
+        filler = fill(small_disk)
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        stop(proc)
+    assert proc.returncode == 2 and len(errors(err)) == 1, err[-3000:]
+    assert errors(err)[0].startswith(f"effnet: error: {folder / 'last.ckpt'}: checkpoint not written: No space left "
+                                     f"on device; last good checkpoint kept: {folder / 'last.ckpt'}")
+    from effnet.lightning import checked
+    assert checked(folder / "last.ckpt") is not None
+    assert not list(folder.glob("*.tmp")) and not (tmp_path / "trained").exists()
+
+    filler.unlink()
+    resumed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and result_json(resumed.stdout)["steps"] == LOGGED_STEPS
+
+
 # ---- 5: a rank dies -----------------------------------------------------------------------------------------------
 
 DDP_SETS = ["train.accelerator=cpu", "train.num_nodes=2", "train.strategy=ddp", "train.checkpoint_every_n_steps=2",

@@ -14,16 +14,26 @@ CHUNK = 1 << 20
 
 
 def write_atomic(path: str | Path, data: str | bytes, fs=None) -> None:
-    """Write DATA to PATH through `PATH.tmp`; with FS (an fsspec filesystem), on that filesystem."""
+    """Write DATA to PATH through `PATH.tmp`; with FS (an fsspec filesystem), on that filesystem. A write that fails
+    (a full disk) removes the temp file and leaves PATH as it was."""
     tmp = f"{path}.tmp"
     if fs is not None:
-        with fs.open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
+        try:
+            with fs.open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+                f.write(data)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise
         fs.mv(tmp, str(path))
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

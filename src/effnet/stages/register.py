@@ -148,7 +148,7 @@ def publish(params: Params, variant_key: str, new: Version, experiment_id: str, 
         mlflow.log_metrics({"top1": new.top1, "top5": float(new.tags["measured_top5"])})
         with onnx_export.exported(bundle, params.export) as onnx_file:  # parity-checked, or no version at all
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=pyfunc.EffnetPyfunc(),
+                name="model", python_model=str(pyfunc.MODEL_CODE),  # models from code: no pickle to load
                 artifacts={"bundle": str(bundle), "onnx": str(onnx_file)},
                 code_paths=[str(Path(effnet.__file__).parent)], signature=pyfunc.signature(spec.classes),
                 input_example=example, registered_model_name=variant_key,
