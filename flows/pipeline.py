@@ -3,7 +3,10 @@
 The flow computes nothing itself: each task is `dvc repro --single-item <stage>` in the workspace, so DVC
 decides what is stale, records dvc.lock, and leaves the workspace exactly as `dvc repro` would (after a flow run,
 `dvc status` is clean). Prefect adds scheduling (flows/serve.py, prefect.yaml), retries, logs and a concurrency
-limit: one flow run at a time per workspace (DVC's repository lock would fail a second one mid-way instead).
+limit: one flow run at a time per workspace (DVC's repository lock would fail a second one mid-way instead), held as
+a lock on `.effnet/flow.lock` that the kernel releases when the run and the stage it started end, however they end:
+a flow killed mid-stage and run again continues from what DVC says is stale. (A Prefect global concurrency slot
+stayed taken after a kill -9: the temporary server keeps no lease, and the rerun waited for it for ever.)
 
 Overrides (`section.key=value`, as `effnet --set` takes them) are written into the workspace's params.yaml before
 any stage runs, comments kept, the way `dvc exp run -S` applies them: params.yaml stays the one source of truth,
@@ -20,7 +23,6 @@ job wrote (on storage this machine shares with the nodes) as it records any othe
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -29,7 +31,6 @@ from io import StringIO
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.concurrency.sync import concurrency
 
 from effnet import config, env, io, services, tracking
 from effnet.errors import EffnetError
@@ -57,10 +58,13 @@ def stage_env(launcher: str | None = None) -> dict[str, str]:
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="dvc repro {target}")
-def repro(target: str, workspace: str, launcher: str | None = None) -> None:
+def repro(target: str, workspace: str, launcher: str | None = None, lock: int | None = None) -> None:
+    """`dvc repro --single-item TARGET` in WORKSPACE, its output in the task's log; LOCK (the workspace lock's file
+    descriptor) goes with it, so that the workspace stays locked while it runs, even if this process dies."""
     log = get_run_logger()
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", target], cwd=workspace,
-                            env=stage_env(launcher), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=stage_env(launcher), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            pass_fds=(lock,) if lock is not None else ())
     for line in proc.stdout:
         if line.strip():
             log.info(line.rstrip())
@@ -85,20 +89,7 @@ def apply_overrides(params_file: Path, overrides: list[str]) -> None:
     io.write_atomic(params_file, text.getvalue())
 
 
-def workspace_limit(workspace: str) -> str:
-    """The name of the global concurrency limit (1 slot) that serialises flow runs on WORKSPACE; created if new."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
-    real = os.path.realpath(workspace)
-    name = f"effnet-workspace-{hashlib.sha256(real.encode()).hexdigest()[:12]}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
-    return name
+WORKSPACE_LOCK = ".effnet/flow.lock"  # held by a flow run (and the stage it runs) for as long as it works there
 
 
 @flow(name="effnet-pipeline")
@@ -117,15 +108,15 @@ def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides:
     for key in keys:
         params.variant(key)  # unknown variant: fail before any work
     tracking.check()  # the stages' MLflow store, down or malformed: one line now, not at the first stage that logs
-    limit = workspace_limit(workspace)
-    log.info("waiting for the workspace (concurrency limit %s)", limit)
-    with concurrency(limit, occupy=1, strict=True):
+    lock_file = Path(workspace) / WORKSPACE_LOCK
+    with io.exclusive(lock_file, lambda: log.info("waiting for the workspace: another flow run holds %s", lock_file)
+                      ) as lock:
         apply_overrides(params_file, overrides or [])
         for stage in SHARED_STAGES:
-            repro(stage, workspace)
+            repro(stage, workspace, lock=lock)
         for key in keys:
             for stage in VARIANT_STAGES:
-                repro(f"{stage}@{key}", workspace, launcher if stage == "train" else None)
+                repro(f"{stage}@{key}", workspace, launcher if stage == "train" else None, lock=lock)
     return {key: json.loads((Path(workspace) / "metrics" / f"{key}.json").read_text()) for key in keys}
 
 

@@ -330,6 +330,51 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_one_before_resumes_
     assert result_json(afresh.stdout)["weights"] == result_json(whole.stdout)["weights"]
 
 
+def test_a_registration_killed_after_its_version_is_made_is_completed_not_duplicated(tiny_params, shards_dir,
+                                                                                      tmp_path):
+    """`effnet register` killed -9 as soon as its model version is in the store (before or while its tags, model
+    card and aliases are written), then run again: still one version, and it has them all."""
+    import sqlite3
+
+    from effnet import models
+    from effnet.data.manifest import read_manifest
+    from tests.test_registry import metrics
+    params = write_tiny_params(tmp_path / "params.yaml")
+    variant = tiny_params.variant("tiny")
+    classes = read_manifest(shards_dir)["classes"]
+    for label, size in (("trained", 32), ("fixres", 40)):
+        model = models.build(variant, len(classes))
+        models.save_bundle(model, models.ModelSpec(variant="tiny", phi=variant.phi, classes=classes,
+                                                   preprocessing=models.preprocessing(model, variant, size)),
+                           tmp_path / label)
+    (tmp_path / "m.json").write_text(json.dumps(metrics(50.0)))
+    cmd = effnet("register", "m.json", "registered.json", "trained=trained", "fixres=fixres", "--shards",
+                 str(shards_dir), "--variant", "tiny", "--params", str(params))
+
+    def version_made() -> bool:
+        try:
+            with sqlite3.connect(tmp_path / "mlflow.db", timeout=0.1) as db:
+                return bool(db.execute("select count(*) from model_versions").fetchone()[0])
+        except sqlite3.Error:
+            return False
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_until("the model version", version_made, 300, proc, poll=0.01)
+        kill_tree(proc)
+    finally:
+        stop(proc)
+    assert not (tmp_path / "registered.json").exists()
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'tiny'")
+    assert len(versions) == 1 and versions[0].tags["measured_top1"] == "50.0" and versions[0].description
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == str(versions[0].version)
+    record = json.loads((tmp_path / "registered.json").read_text())
+    assert record["version"] == str(versions[0].version) and record["promoted"] is True
+
+
 # ---- 7: a full disk -----------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -466,3 +511,100 @@ def test_a_rank_killed_stops_the_other_in_seconds_with_one_line_and_the_rerun_re
     assert "resuming from" in outs[0][1]
     ranks = [result_json(out) for out, _ in outs]
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["steps"] == 6 * 3  # 96 images / (2 x 16)
+
+
+# ---- 6: the flow dies, or its server restarts --------------------------------------------------------------------
+
+def stale_pipeline(pipeline, dest: Path) -> Path:
+    """A copy of the session's finished pipeline with train's params changed: DVC says train onward is stale."""
+    from flows.pipeline import apply_overrides
+    repo = pipeline.copy(dest)
+    apply_overrides(repo / "params.yaml", ["train.epochs=5", "train.checkpoint_every_n_steps=2"])
+    return repo
+
+
+def registered_versions(repo: Path) -> list:
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_model_versions("name = 'tiny'")
+
+
+def flow_cmd(repo: Path) -> list[str]:
+    return [sys.executable, str(repo / "flows/pipeline.py")]
+
+
+def dvc_clean(repo: Path) -> bool:
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True,
+                            text=True)
+    return status.returncode == 0 and json.loads(status.stdout) == {}
+
+
+@pytest.mark.slow
+def test_the_flow_killed_mid_stage_and_run_again_continues_from_what_dvc_says_is_stale(pipeline, tmp_path):
+    """`python flows/pipeline.py` (its temporary Prefect server, DVC, the train stage: the whole process group)
+    killed -9 while train runs; run again, it does not wait for the dead run's hold on the workspace, DVC skips
+    what is up to date, train resumes from its checkpoint, and the registry gains one version, not two."""
+    repo = stale_pipeline(pipeline, tmp_path / "repo")
+    before = len(registered_versions(repo))
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    log = tmp_path / "killed.log"
+    proc = subprocess.Popen(flow_cmd(repo), cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_until("train's first checkpoint", lambda: checkpoint_step(repo) >= 2, 600, proc)
+        kill_tree(proc)
+    finally:
+        stop(proc)
+    assert not dvc_clean(repo)
+    start = time.monotonic()
+    again = subprocess.run(flow_cmd(repo), cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert "waiting for the workspace" not in out
+    assert "Stage 'shard' didn't change, skipping" in out and "resuming from" in out
+    assert dvc_clean(repo) and len(registered_versions(repo)) == before + 1
+    print(f"the rerun took {time.monotonic() - start:.0f} s")
+
+
+@pytest.mark.slow
+def test_a_prefect_server_restarted_while_a_stage_runs_loses_none_of_its_outputs(pipeline, tmp_path):
+    """A real `prefect server start` (its own PREFECT_HOME, a free port), the flow run against it; killed -9 while
+    the train stage runs and started again on the same port and database: the stage goes on (it is DVC's
+    subprocess, not the server's), the flow run completes, and DVC has every output recorded."""
+    repo = stale_pipeline(pipeline, tmp_path / "repo")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_env = os.environ | {"PREFECT_HOME": str(tmp_path / "server"), "PREFECT_UI_ENABLED": "false"}
+    server_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server_log = tmp_path / "server.log"
+
+    def start_server() -> subprocess.Popen:
+        proc = subprocess.Popen(server_cmd, env=server_env, stdout=server_log.open("a"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+        def healthy():
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_until("the Prefect server", healthy, 300, proc, poll=0.5)
+        return proc
+
+    server = start_server()
+    flow = None
+    try:
+        env = os.environ | {"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client")}
+        flow = subprocess.Popen(flow_cmd(repo), cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        wait_until("train's first checkpoint", lambda: checkpoint_step(repo) >= 2, 600, flow)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        down = time.monotonic()
+        server = start_server()
+        print(f"the Prefect server was down {time.monotonic() - down:.0f} s")
+        out = flow.communicate(timeout=1200)[0]
+    finally:
+        if flow is not None:
+            stop(flow)
+        stop(server)
+    assert flow.returncode == 0, out[-5000:]
+    assert dvc_clean(repo) and not (repo / ".effnet/checkpoints/tiny").exists()

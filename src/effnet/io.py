@@ -2,6 +2,7 @@
 or the new one, never half of one) and sha256 hashing."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -72,6 +73,27 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+@contextmanager
+def exclusive(path: str | Path, waiting=None) -> Iterator[int]:
+    """Hold an exclusive lock on PATH (made if missing) while the block runs, waiting for whoever holds it (WAITING()
+    is called first, once, when someone does); yields the lock's file descriptor. The kernel releases the lock when
+    the last process holding the descriptor ends, however it ends (kill -9 included): a crash leaves nothing to
+    clean up. Pass the descriptor to a child (`subprocess.Popen(pass_fds=...)`) to keep the lock until it ends too."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def sha256_stream(f, h=None):
