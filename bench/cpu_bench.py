@@ -57,7 +57,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the project, when not installed
 from effnet import config, env, inference, models, variants  # noqa: E402
-from effnet.data import feed, stream, transforms  # noqa: E402
+from effnet.data import feed, held_splits, loaders, transforms  # noqa: E402
 from effnet.data.manifest import read_manifest  # noqa: E402
 from effnet.stages import demo_data, evaluate, shard, train  # noqa: E402
 
@@ -149,9 +149,9 @@ class Bench:
         pre = models.preprocessing(self.model(), self.variant, self.size)
         if train:
             tf = transforms.train_transform(pre, cfg.auto_augment, cfg.crop_scale, uint8=True)
-            loader = stream.train_loader(shards, tf, self.batch, 0, self.params.data.shuffle_buffer, hold_mb=hold_mb)
+            loader = loaders.train_loader(shards, tf, self.batch, 0, self.params.data.shuffle_buffer, hold_mb=hold_mb)
         else:
-            loader = stream.eval_loader(shards, transforms.eval_transform(pre, uint8=True),
+            loader = loaders.eval_loader(shards, transforms.eval_transform(pre, uint8=True),
                                         self.params.evaluate.batch_size, 0)
         for _ in loader if hold_mb else ():
             pass
@@ -163,7 +163,7 @@ class Bench:
     def eval_preprocessing_held(self, shards: Path) -> float:
         """The evaluate stage's own preprocessing, val held in memory (`HeldSplit.batches`: timm's eval resize and
         crop, no decoding), once at each size of its sweep, in this process: images per second."""
-        held = stream.HeldSplit.load(shards, "val", budget_mb=self.params.data.hold_mb)
+        held = held_splits.HeldSplit.load(shards, "val", budget_mb=self.params.data.hold_mb)
         pre = models.preprocessing(self.model(), self.variant, self.size)
         sizes = evaluate.sweep_sizes({self.size}, self.params.evaluate.sweep)
         t = time.perf_counter()

@@ -50,7 +50,7 @@ from torch import nn  # noqa: E402
 # the project on the path (PYTHONPATH=src); MLflow is not (the bench logs nothing).
 from effnet import inference, models, variants  # noqa: E402
 from effnet.config import ShardConfig  # noqa: E402
-from effnet.data import feed, stream, transforms  # noqa: E402
+from effnet.data import datamodule, feed, transforms  # noqa: E402
 from effnet.data.manifest import read_manifest  # noqa: E402
 from effnet.lightning import Classifier  # noqa: E402
 from effnet.stages import shard  # noqa: E402
@@ -170,7 +170,7 @@ class Bench:
             model = model.to(memory_format=torch.channels_last)
         fed = feed.GpuPreprocess(pre, "original", (0.08, 1.0), channels_last=self.cuda) if decode == "gpu" \
             else feed.DeviceFeed(pre.mean, pre.std, channels_last=self.cuda)
-        dm = stream.ShardDataModule(shards, transforms.train_transform(pre, "original", uint8=True),
+        dm = datamodule.ShardDataModule(shards, transforms.train_transform(pre, "original", uint8=True),
                                     pre, b, self.args.workers,
                                     self.args.shuffle_buffer, fed)
         module = Classifier(model, classes, dict(OPT), None, 0.1, ema_decay=0.9999, compile=compiled)

@@ -21,7 +21,7 @@ from common import make_image_folder, print_rates  # noqa: E402
 from timm.data import create_dataset, create_loader  # noqa: E402
 
 from effnet.config import ShardConfig  # noqa: E402
-from effnet.data import stream, transforms  # noqa: E402
+from effnet.data import loaders, transforms  # noqa: E402
 from effnet.models import Preprocessing  # noqa: E402
 from effnet.stages import shard  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> None:
         rows = [("timm create_loader, ImageFolder", rate(timm_loader, n))]
         for name, where, draft in [("shards, copy", "copy", None), ("shards, copy + draft decode", "copy", 224),
                                    (f"shards, max_side {args.max_side}", "side", None)]:
-            loader = stream.train_loader(tmp / where, tf, args.batch, 0, 64, draft=draft)
+            loader = loaders.train_loader(tmp / where, tf, args.batch, 0, 64, draft=draft)
             rows.append((name, rate(loader, n)))
         print_rates(f"{args.images} images ~500x375, batch {args.batch}, 1 worker core, RRC 224 + flip + AutoAugment",
                     rows, "timm")

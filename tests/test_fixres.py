@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from effnet import inference, models
-from effnet.data import gpu, stream
+from effnet.data import gpu, loaders
 from effnet.data.manifest import in_holdout, read_manifest
 from effnet.stages import evaluate, fixres, shard
 
@@ -208,12 +208,12 @@ def test_too_few_held_out_images_fall_back_to_the_scale_in_one_line(tiny_params,
 
 
 def test_training_never_sees_the_held_out_samples(shards_dir):
-    held = {bytes(b) for (flat, sizes), _, _ in stream.eval_loader(
+    held = {bytes(b) for (flat, sizes), _, _ in loaders.eval_loader(
         shards_dir, None, 8, 0, split="train", keep=lambda key: in_holdout(key, 0.3))
         for b in gpu.unpack(flat, sizes)}
     total = read_manifest(shards_dir)["splits"]["train"]["total"]
     assert 0 < len(held) < total
-    loader = stream.train_loader(shards_dir, None, 4, 0, 16, holdout=0.3)
+    loader = loaders.train_loader(shards_dir, None, 4, 0, 16, holdout=0.3)
     seen = {bytes(b) for _ in range(3) for (flat, sizes), _, _ in loader for b in gpu.unpack(flat, sizes)}
     assert seen and not seen & held
     assert len(loader) == round(total * 0.7) // 4

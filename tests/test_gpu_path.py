@@ -13,7 +13,7 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from effnet import lightning
-from effnet.data import batch_augment, feed, gpu, stream, transforms
+from effnet.data import batch_augment, datamodule, feed, gpu, loaders, reading, transforms
 from effnet.models import Preprocessing
 from effnet.stages import train
 
@@ -90,7 +90,7 @@ def test_lightning_steps_through_the_gpu_path_hooks_on_cpu(tiny_params, shards_d
     variant = tiny_params.variant("tiny")
     model = models.build(variant, 4)
     pre = _Counting(models.preprocessing(model, variant, 32), "original", (0.25, 1.0))
-    dm = stream.ShardDataModule(shards_dir, None, None, 8, 0, 16, pre)
+    dm = datamodule.ShardDataModule(shards_dir, None, None, 8, 0, 16, pre)
     x, y = [], []
 
     class Grab(pl.Callback):
@@ -149,10 +149,10 @@ def test_eval_preprocessing_matches_the_cpu_path(pre, shards_dir):
     down-scaled, plus the demo shards' JPEGs."""
     jpegs = [photo_jpeg(w, h, seed) for seed, (w, h) in enumerate([(500, 375), (375, 500), (640, 427), (333, 251),
                                                                    (180, 120), (97, 61)])]
-    (flat, sizes), _, _ = next(iter(stream.eval_loader(shards_dir, None, 8, 0)))  # the loader's raw-bytes mode
+    (flat, sizes), _, _ = next(iter(loaders.eval_loader(shards_dir, None, 8, 0)))  # the loader's raw-bytes mode
     jpegs += [bytes(t.numpy()) for t in gpu.unpack(flat, sizes)]
     cpu_tf = transforms.eval_transform(pre)
-    cpu = torch.stack([cpu_tf(stream.decode({"jpg": b})) for b in jpegs])
+    cpu = torch.stack([cpu_tf(reading.decode({"jpg": b})) for b in jpegs])
     ours = preprocess(feed.GpuPreprocess(pre), jpegs, train=False)
     assert ours.shape == cpu.shape and ours.dtype == cpu.dtype
     diff = (ours - cpu).abs()

@@ -87,7 +87,8 @@ def test_dvc_yaml_deps_cover_every_file_the_stage_imports(name):
 def test_closure_follows_imports_at_any_depth_and_package_data():
     files = {f.relative_to(PACKAGE).as_posix() for f in closure("effnet.stages.train")}
     assert {"__init__.py", "stages/__init__.py", "stages/train.py", "lightning.py", "models.py", "variants.py",
-            "variants.yaml", "data/__init__.py", "data/feed.py", "data/stream.py", "data/gpu.py", "io.py"} <= files
+            "variants.yaml", "data/__init__.py", "data/feed.py", "data/datamodule.py", "data/train_stream.py",
+            "data/gpu.py", "io.py"} <= files
     assert not {f for f in files if f.startswith("stages/") and f not in ("stages/__init__.py", "stages/train.py")}
 
 

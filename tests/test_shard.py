@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from effnet.config import ShardConfig
-from effnet.data import stream
+from effnet.data import loaders
 from effnet.data.manifest import MANIFEST, REJECTS, read_manifest
 from effnet.errors import EffnetError
 from effnet.stages import shard
@@ -227,7 +227,7 @@ def test_fsspec_urls_for_writing_and_reading(tmp_path):
         "source": str(src)}
     keys = {}
     for where in ("memory://effnet-test/shards", f"file://{tmp_path}/local", f"pipe:cat {tmp_path}/local/{{name}}"):
-        keys[where] = sorted(k for _, _, ks in stream.eval_loader(where, lambda im: im.size, 4, 0) for k in ks)
+        keys[where] = sorted(k for _, _, ks in loaders.eval_loader(where, lambda im: im.size, 4, 0) for k in ks)
     assert len({tuple(v) for v in keys.values()}) == 1 and len(keys[f"file://{tmp_path}/local"]) == 6
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from effnet import config, models
-from effnet.data import manifest, stream, transforms
+from effnet.data import loaders, manifest, transforms
 from effnet.errors import EffnetError
 from effnet.stages import demo_data, evaluate, fixres, register, shard
 from tests.conftest import PIPELINE_OVERRIDES
@@ -74,11 +74,11 @@ def test_shard_missing_folder_names_the_path(tiny_params, tmp_path):
 
 def test_eval_loader_sees_each_val_sample_once_and_train_epoch_length_comes_from_manifest(shards_dir):
     pre = models.Preprocessing(img_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
-    keys = [k for _, _, batch_keys in stream.eval_loader(shards_dir, transforms.eval_transform(pre), 7, 0)
+    keys = [k for _, _, batch_keys in loaders.eval_loader(shards_dir, transforms.eval_transform(pre), 7, 0)
             for k in batch_keys]
     total = manifest.read_manifest(shards_dir)["splits"]["val"]["total"]
     assert len(keys) == len(set(keys)) == total
-    loader = stream.train_loader(shards_dir, transforms.train_transform(pre, "original"), 8, 0, 16)
+    loader = loaders.train_loader(shards_dir, transforms.train_transform(pre, "original"), 8, 0, 16)
     batches = list(loader)
     expected = manifest.read_manifest(shards_dir)["splits"]["train"]["total"] // 8
     assert len(batches) == len(loader) == expected

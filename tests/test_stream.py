@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from effnet.config import ShardConfig
-from effnet.data import stream, transforms
+from effnet.data import held_splits, loaders, prefetch, transforms
 from effnet.data.manifest import read_manifest
 from effnet.models import Preprocessing
 from effnet.stages import shard
@@ -24,8 +24,8 @@ def _rank(rank: int, shards: str, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
     try:
-        keys = [k for _, _, ks in stream.eval_loader(shards, transforms.eval_transform(PRE), 5, 0) for k in ks]
-        train = stream.train_loader(shards, transforms.train_transform(PRE, transforms.RAND_AUGMENT), 4, 0, 8,
+        keys = [k for _, _, ks in loaders.eval_loader(shards, transforms.eval_transform(PRE), 5, 0) for k in ks]
+        train = loaders.train_loader(shards, transforms.train_transform(PRE, transforms.RAND_AUGMENT), 4, 0, 8,
                                     world_size=2)
         batches = [len(y) for _, y, _ in train]
         with open(f"{tmp}/rank{rank}.json", "w") as f:
@@ -52,7 +52,7 @@ def test_ddp_ranks_see_each_val_sample_once_and_equal_train_batches(demo_dir, tm
 def test_rand_augment_and_draft_decode(shards_dir):
     tf = transforms.train_transform(PRE, transforms.RAND_AUGMENT)
     assert "RandAugment" in repr(tf)
-    x, y, _ = next(iter(stream.train_loader(shards_dir, tf, 4, 0, 8, draft=16)))
+    x, y, _ = next(iter(loaders.train_loader(shards_dir, tf, 4, 0, 8, draft=16)))
     assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
 
 
@@ -64,11 +64,11 @@ def _feed(batch, train, device):
 
 def test_device_prefetcher_keeps_order_and_length_and_raises_the_feeds_error():
     loader = list(range(7))
-    pre = stream.DevicePrefetcher(loader, _feed, True, "cpu", depth=2)
+    pre = prefetch.DevicePrefetcher(loader, _feed, True, "cpu", depth=2)
     assert len(pre) == 7
     assert [int(x) for x, in pre] == [10 * i for i in range(7)]
     assert [int(x) for x, in pre] == [10 * i for i in range(7)]  # every epoch starts afresh
-    failing = stream.DevicePrefetcher([1, "boom", 3], _feed, False, "cpu")
+    failing = prefetch.DevicePrefetcher([1, "boom", 3], _feed, False, "cpu")
     got = []
     try:
         for x, in failing:
@@ -90,7 +90,7 @@ def test_device_prefetcher_stops_its_thread_when_the_consumer_leaves():
             yield i
             i += 1
 
-    it = iter(stream.DevicePrefetcher(endless(), _feed, True, "cpu", depth=2))
+    it = iter(prefetch.DevicePrefetcher(endless(), _feed, True, "cpu", depth=2))
     assert int(next(it)[0]) == 0
     it.close()  # what dropping the iterator does
     assert not [t for t in threading.enumerate() if t.name == "effnet-prefetch"]
@@ -99,7 +99,7 @@ def test_device_prefetcher_stops_its_thread_when_the_consumer_leaves():
 
 def _first_batches(shards, seed: int, workers: int, n: int = 3):
     torch.manual_seed(0)  # what pl.seed_everything does: the DataLoader seeds its workers from it
-    loader = stream.train_loader(shards, transforms.train_transform(PRE, "original", uint8=True), 4, workers, 8,
+    loader = loaders.train_loader(shards, transforms.train_transform(PRE, "original", uint8=True), 4, workers, 8,
                                  seed=seed)
     batches = []
     for x, y, _ in loader:
@@ -133,10 +133,10 @@ def test_a_resumed_stream_yields_what_the_uninterrupted_one_yields_next(shards_d
     workers: their RNGs come back from the state), into the next epoch."""
     tf = transforms.train_transform(PRE, "original", uint8=True)
     torch.manual_seed(0)
-    whole = _epochs(stream.train_loader(shards_dir, tf, 16, 2, 8, seed=1), 2)  # 6 batches an epoch
+    whole = _epochs(loaders.train_loader(shards_dir, tf, 16, 2, 8, seed=1), 2)  # 6 batches an epoch
     for k in (2, 3, 5):
         torch.manual_seed(1)  # another base seed for the new workers: what they draw must come from the state
-        resumed = stream.train_loader(shards_dir, tf, 16, 2, 8, seed=1, resume=whole[k][2])
+        resumed = loaders.train_loader(shards_dir, tf, 16, 2, 8, seed=1, resume=whole[k][2])
         rest = _epochs(resumed, 1 if k == 5 else 2)[:len(whole) - k - 1]
         assert len(rest) == len(whole) - k - 1
         assert all(torch.equal(x, wx) and torch.equal(y, wy) for (x, y, _), (wx, wy, _) in zip(rest, whole[k + 1:]))
@@ -150,9 +150,9 @@ def test_a_resumed_stream_does_not_decode_the_samples_it_skips(shards_dir):
         decoded.append(1)
         return tf(img)
 
-    whole = _epochs(stream.train_loader(shards_dir, counting, 16, 0, 8), 1)
+    whole = _epochs(loaders.train_loader(shards_dir, counting, 16, 0, 8), 1)
     decoded.clear()
-    resumed = stream.train_loader(shards_dir, counting, 16, 0, 8, resume=whole[3][2])
+    resumed = loaders.train_loader(shards_dir, counting, 16, 0, 8, resume=whole[3][2])
     rest = _epochs(resumed, 1)
     assert [y.tolist() for _, y, _ in rest] == [y.tolist() for _, y, _ in whole[4:]]
     assert len(rest) * 16 <= len(decoded) <= len(rest) * 16 + 1  # (the batcher may read one sample ahead)
@@ -162,9 +162,9 @@ def test_a_held_split_gives_the_batches_the_stream_gives(shards_dir):
     """Held in memory (decoded once) or streamed from the shards: the same images, labels and keys, in order;
     a pass at a preprocessing made before reuses its batches while they fit in the budget beside the images, another
     preprocessing makes new ones."""
-    held = stream.HeldSplit.load(shards_dir, "val")
+    held = held_splits.HeldSplit.load(shards_dir, "val")
     assert len(held) == read_manifest(shards_dir)["splits"]["val"]["total"]
-    streamed = list(stream.eval_loader(shards_dir, transforms.eval_transform(PRE, uint8=True), 5, 0))
+    streamed = list(loaders.eval_loader(shards_dir, transforms.eval_transform(PRE, uint8=True), 5, 0))
     batches = held.batches(PRE, 5)
     assert len(batches) == len(streamed)
     for (x, y, keys), (sx, sy, skeys) in zip(batches, streamed):
@@ -180,8 +180,8 @@ def test_a_held_split_gives_the_batches_the_stream_gives(shards_dir):
 
 
 def test_a_split_over_the_memory_budget_is_not_held(shards_dir):
-    assert stream.HeldSplit.load(shards_dir, "val", budget_mb=0) is None
-    keep = stream.HeldSplit.load(shards_dir, "train", keep=lambda key: key.endswith("1"), limit=3)
+    assert held_splits.HeldSplit.load(shards_dir, "val", budget_mb=0) is None
+    keep = held_splits.HeldSplit.load(shards_dir, "train", keep=lambda key: key.endswith("1"), limit=3)
     assert len(keep) == 3 and all(key.endswith("1") for key in keep.keys)
 
 
@@ -189,21 +189,21 @@ def _priority(_image) -> torch.Tensor:
     return torch.tensor(os.getpriority(os.PRIO_PROCESS, 0))
 
 
-@pytest.mark.parametrize("device, lower", [("cpu", stream.CPU_WORKER_NICE), ("meta", 0)])
+@pytest.mark.parametrize("device, lower", [("cpu", loaders.CPU_WORKER_NICE), ("meta", 0)])
 def test_loader_workers_give_way_to_a_model_on_the_cpu(shards_dir, device, lower):
     """Where the model runs on the CPU, loader workers run at a lower priority, so that they take only what the
     step leaves; feeding an accelerator, they keep the training process's."""
     own = os.getpriority(os.PRIO_PROCESS, 0)
-    nice = stream.worker_nice(device)
-    priorities, _, _ = next(iter(stream.eval_loader(shards_dir, _priority, 4, 1, nice=nice)))
+    nice = loaders.worker_nice(device)
+    priorities, _, _ = next(iter(loaders.eval_loader(shards_dir, _priority, 4, 1, nice=nice)))
     assert priorities.tolist() == [min(19, own + lower)] * len(priorities)
-    train = stream.train_loader(shards_dir, _priority, 4, 1, 8, nice=nice)
+    train = loaders.train_loader(shards_dir, _priority, 4, 1, 8, nice=nice)
     assert next(iter(train))[0].tolist() == [min(19, own + lower)] * 4
 
 
-def _held_epochs(shards, workers: int, hold_mb: float, epochs: int = 3) -> tuple[list, stream.TrainLoader]:
+def _held_epochs(shards, workers: int, hold_mb: float, epochs: int = 3) -> tuple[list, loaders.TrainLoader]:
     pl.seed_everything(0, verbose=False)  # without workers, this process's RNGs drive the augmentations
-    loader = stream.train_loader(shards, transforms.train_transform(PRE, "original", uint8=True), 4, workers, 8,
+    loader = loaders.train_loader(shards, transforms.train_transform(PRE, "original", uint8=True), 4, workers, 8,
                                  hold_mb=hold_mb)
     return [(x, y) for _ in range(epochs) for x, y, _ in loader], loader
 
@@ -214,8 +214,9 @@ def test_a_held_training_split_gives_the_batches_the_stream_gives(shards_dir, wo
     same images (augmented alike), labels and order, epoch after epoch, as streaming every epoch; and where the
     split passes the budget (here after a few images), it lets go and streams on, still the same batches."""
     decoded = []
-    real_decode = stream.decode
-    monkeypatch.setattr(stream, "decode", lambda sample, draft=None: decoded.append(1) or real_decode(sample, draft))
+    real_decode = held_splits.decode
+    monkeypatch.setattr(held_splits, "decode",
+                        lambda sample, draft=None: decoded.append(1) or real_decode(sample, draft))
     streamed, _ = _held_epochs(shards_dir, workers, hold_mb=0)
     decoded.clear()
     held, loader = _held_epochs(shards_dir, workers, hold_mb=64)

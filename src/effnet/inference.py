@@ -17,7 +17,9 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
 
 from effnet.data import transforms
 from effnet.data.feed import DeviceFeed
-from effnet.data.stream import DevicePrefetcher, HeldSplit, eval_loader, worker_nice
+from effnet.data.held_splits import HeldSplit
+from effnet.data.loaders import eval_loader, worker_nice
+from effnet.data.prefetch import DevicePrefetcher
 from effnet.models import Preprocessing
 
 

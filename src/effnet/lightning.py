@@ -41,10 +41,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from effnet import io, models, tracking
 from effnet.config import TrainConfig
-from effnet.data import stream
+from effnet.data import datamodule, train_stream
 from effnet.data.feed import cuda_usable
 from effnet.data.regularise import Regularise
-from effnet.data.stream import ShardDataModule
+from effnet.data.datamodule import ShardDataModule
 from effnet.errors import EffnetError, Preempted
 
 log = logging.getLogger(__name__)
@@ -396,14 +396,14 @@ def checkpoint_callbacks(folder: Path, every_n_steps: int | None, best: bool = F
 
 def process_rng() -> dict:
     """The training process's RNG states (python, numpy, torch CPU and CUDA), as plain values."""
-    state = stream.rng_state()
+    state = train_stream.rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_process_rng(state: dict) -> None:
-    stream.set_rng_state(state)
+    train_stream.set_rng_state(state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
@@ -418,7 +418,7 @@ class ProcessRng(pl.Callback):
         self.restored: list[dict] | None = None
 
     def state_dict(self) -> dict:
-        return {"ranks": stream.per_rank(process_rng())}  # a collective: every rank saves the checkpoint's dict
+        return {"ranks": datamodule.per_rank(process_rng())}  # a collective: every rank saves the checkpoint's dict
 
     def load_state_dict(self, state: dict) -> None:
         self.restored = state["ranks"]

@@ -1,6 +1,6 @@
 """The device half of the data path, and the DataModule a training stage gets from its params.
 
-A loader batch becomes the model's input on the training device here, run by `stream.DevicePrefetcher` in a thread
+A loader batch becomes the model's input on the training device here, run by `prefetch.DevicePrefetcher` in a thread
 (on a side CUDA stream) ahead of the step:
 
 * `DeviceFeed` (`data.decode: cpu`, the portable default): loader workers decode and augment with timm's
@@ -22,7 +22,7 @@ import torch
 from effnet.config import Params
 from effnet.data import gpu
 from effnet.data.batch_augment import BatchAugment
-from effnet.data.stream import ShardDataModule
+from effnet.data.datamodule import ShardDataModule
 from effnet.models import Preprocessing
 
 log = logging.getLogger(__name__)

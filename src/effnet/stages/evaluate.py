@@ -22,7 +22,7 @@ from effnet import io, models, plots, tracking
 from effnet.config import Params
 from effnet.data import feed
 from effnet.data.manifest import read_manifest
-from effnet.data.stream import HeldSplit
+from effnet.data.held_splits import HeldSplit
 from effnet.inference import ClassStats, accuracy, confusion_rows
 
 class Candidate(BaseModel):

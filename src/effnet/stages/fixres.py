@@ -34,7 +34,7 @@ from effnet import inference, lightning, models, tracking
 from effnet.config import Params
 from effnet.data import feed, transforms
 from effnet.data.manifest import in_holdout, read_manifest
-from effnet.data.stream import HeldSplit
+from effnet.data.held_splits import HeldSplit
 
 log = logging.getLogger(__name__)
 TRAINABLE = ["classifier", "bn2"]  # timm EfficientNet: the head and the BatchNorm right before pooling
