@@ -450,6 +450,83 @@ def test_a_disk_full_while_checkpointing_stops_in_one_line_keeps_the_last_good_o
     assert "resuming from" in resumed.stderr and result_json(resumed.stdout)["steps"] == LOGGED_STEPS
 
 
+# ---- 4: a shard that goes bad during training ---------------------------------------------------------------------
+
+def gone_bad(shards, dest: Path) -> Path:
+    """A copy of SHARDS where, after sharding, train-000001.tar lost its last 60 % (a truncated copy) and the first
+    JPEG inside train-000002.tar was overwritten with zeros (the tar itself still whole)."""
+    import shutil
+    import tarfile
+    dest = Path(shutil.copytree(shards, dest))
+    cut = dest / "train-000001.tar"
+    with cut.open("r+b") as f:
+        f.truncate(int(cut.stat().st_size * 0.4))
+    rotten = dest / "train-000002.tar"
+    with tarfile.open(rotten) as tar:
+        jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    with rotten.open("r+b") as f:
+        f.seek(jpg.offset_data)
+        f.write(b"\0" * jpg.size)
+    return dest
+
+
+@pytest.mark.parametrize("held", [0, 64])
+def test_a_stream_over_shards_gone_bad_skips_and_counts_and_resumes_exactly(shards_dir, tmp_path, held):
+    """Streamed or held in memory, with 2 loader workers: every epoch has its full count of whole batches, the
+    skipped samples are counted by shard (the truncated tar's lost ones as well as the zeroed JPEG), and a stream
+    resumed from its state after any batch yields what the uninterrupted one yields next, counts included."""
+    from effnet.data import loaders, transforms
+    from tests.test_stream import PRE, _epochs
+    bad = gone_bad(shards_dir, tmp_path / "shards")
+    tf = transforms.train_transform(PRE, "original", uint8=True)
+    torch.manual_seed(0)
+    whole = _epochs(loaders.train_loader(bad, tf, 16, 2, 8, seed=1, hold_mb=held), 2)
+    assert len(whole) == 2 * 6 and all(len(y) == 16 for _, y, _ in whole)
+    counts: dict[str, int] = {}
+    for p in whole[-1][2].positions.values():
+        for url, n in p.skipped.items():
+            counts[Path(url).name] = counts.get(Path(url).name, 0) + n
+    assert set(counts) == {"train-000001.tar", "train-000002.tar"} and counts["train-000001.tar"] > counts[
+        "train-000002.tar"] > 0, counts
+    for k in (3, 6):
+        torch.manual_seed(1)
+        resumed = loaders.train_loader(bad, tf, 16, 2, 8, seed=1, resume=whole[k][2], hold_mb=held)
+        rest = _epochs(resumed, 2)[:len(whole) - k - 1]
+        assert all(torch.equal(x, wx) and torch.equal(y, wy) for (x, y, _), (wx, wy, _) in zip(rest, whole[k + 1:]))
+        assert rest[-1][2].positions == whole[-1][2].positions
+
+
+def test_two_ranks_train_through_shards_gone_bad_and_log_what_they_skipped(shards_dir, tmp_path):
+    """torchrun, 2 ranks: both run every step (no rank waits for another at a collective) and the run ends; the
+    skips are said once per shard and logged as data/skipped."""
+    bad = gone_bad(shards_dir, tmp_path / "shards")
+    params = write_tiny_params(tmp_path / "params.yaml")
+    sets = ["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp", "train.batch_size=8",
+            "train.epochs=2", "data.num_workers=1", "data.max_skipped=0.5"]
+    (tmp_path / "ws").mkdir()
+    done = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2") + train_args(bad, params, *sets),
+                          cwd=tmp_path / "ws", capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "counted in data/skipped" in line]
+    assert any("train-000001.tar: cut short after" in line for line in said), done.stderr[-3000:]
+    assert any("train-000002.tar/" in line and "not a decodable image" in line for line in said)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'ws/mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("effnet").experiment_id])[0]
+    skipped = client.get_metric_history(run.info.run_id, "data/skipped")
+    assert skipped and skipped[-1].value > 0 and run.info.status == "FINISHED"
+
+
+def test_past_the_set_share_of_skipped_samples_the_stage_stops_naming_the_shard(shards_dir, tmp_path):
+    bad = gone_bad(shards_dir, tmp_path / "shards")
+    params = write_tiny_params(tmp_path / "params.yaml")
+    done = subprocess.run(effnet(*train_args(bad, params, "data.num_workers=1")), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    lines = errors(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"effnet: error: {bad / 'train-000001.tar'}: ") and "over data.max_skipped 1.0%" in lines[0]
+    assert not (tmp_path / "trained").exists()
+
+
 # ---- 5: a rank dies -----------------------------------------------------------------------------------------------
 
 DDP_SETS = ["train.accelerator=cpu", "train.num_nodes=2", "train.strategy=ddp", "train.checkpoint_every_n_steps=2",

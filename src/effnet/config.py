@@ -91,6 +91,10 @@ class DataConfig(Section):
     # The training split too, in each loader worker, which then only augments after the first epoch (the workers
     # share the MiB). 0: always stream
     hold_mb: int = Field(default=2048, ge=0)
+    # share of the training samples read that may be skipped because their shard went bad after sharding (a
+    # truncated tar, an image that no longer decodes): each is skipped and counted (data/skipped in MLflow), and
+    # past this share the stage stops, naming the shard (judged against at least one epoch's samples)
+    max_skipped: float = Field(default=0.01, ge=0, le=1)
 
 
 class TrainConfig(Section):

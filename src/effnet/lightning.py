@@ -482,6 +482,47 @@ def _swap_class(model: nn.Module, old: type, new: type) -> nn.Module:
     return model
 
 
+class SkippedSamples(pl.Callback):
+    """Samples the training stream skipped because their shard went bad (`train_stream.TrainStream._usable`), added
+    up over every loader worker and rank at each logging interval and epoch end (a collective: every rank runs the
+    same steps), logged as `data/skipped`, and past the datamodule's `max_skipped` share of the samples read
+    (against at least one epoch's worth, so that one bad sample early stops nothing) the run stops on every rank
+    together, in one line naming the shard that lost the most."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self.check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.check(trainer, pl_module)
+
+    def check(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        if not isinstance(dm, ShardDataModule) or dm.stream is None:
+            return
+        positions = dm.stream.positions.values()
+        skipped: dict[str, int] = {}
+        for p in positions:
+            for url, n in p.skipped.items():
+                skipped[url] = skipped.get(url, 0) + n
+        local = torch.tensor([sum(p.read for p in positions), sum(skipped.values())], dtype=torch.float64,
+                             device=pl_module.device)
+        read, total = (int(v) for v in trainer.strategy.reduce(local, reduce_op="sum"))
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_metrics({"data/skipped": float(total)}, step=trainer.global_step)
+        epoch = dm.stream.steps * dm.batch_size * trainer.world_size
+        if total <= dm.max_skipped * max(read, epoch):
+            return
+        every: dict[str, int] = {}
+        for rank in datamodule.per_rank(skipped):
+            for url, n in rank.items():
+                every[url] = every.get(url, 0) + n
+        worst = max(every, key=every.get)
+        raise EffnetError(f"{worst}: {every[worst]} of its samples skipped (cut short, or not an image); {total} of the "
+                          f"{read} training samples read so far skipped ({total / max(read, 1):.1%}), over "
+                          f"data.max_skipped {dm.max_skipped:.1%} (run `effnet shard` again, or raise it)")
+
+
 def strategy(cfg: TrainConfig):
     """`train.strategy`, built with `train.collective_timeout` where its class takes a timeout (ddp and its kin,
     fsdp): a rank that is gone or hung then stops the others within that time, each with one line, instead of
@@ -653,7 +694,7 @@ def fit(trainer: pl.Trainer, module: Classifier, dm: ShardDataModule, cfg: Train
     run_id, ckpt_path = resume_point(folder, fp, cfg.resume) if folder else (None, None)
     trainer.logger = (mlflow_logger(experiment, run_name, run_id, params) if trainer.is_global_zero
                       else DummyLogger())  # LearningRateMonitor wants a logger on every rank
-    trainer.callbacks.append(UnsentMetrics(folder))
+    trainer.callbacks += [UnsentMetrics(folder), SkippedSamples()]
     if folder:
         refused = folder / LAST if ckpt_path and Path(ckpt_path).name != LAST else None
         trainer.callbacks.append(RunFile(folder, fp, resuming=ckpt_path is not None, corrupt=refused))
