@@ -187,6 +187,14 @@ def lines_of(stream) -> list[str]:
     return lines
 
 
+def unsent_step(ws: Path) -> int:
+    """The checkpoint step the record of unsent metrics beside the checkpoints was written after, -1 if none."""
+    try:
+        return json.loads((ws / CHECKPOINTS / "unsent.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
 def checkpoint_step(ws: Path) -> int:
     """The step of the last checkpoint written whole (its checksum entry), -1 before there is one."""
     try:
@@ -202,6 +210,7 @@ def train_run(client: mlflow.MlflowClient):
     return runs[0], {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
 
 
+@pytest.mark.slow
 def test_training_goes_on_while_the_server_is_down_and_the_resumed_run_gets_every_metric(shards_dir, tmp_path,
                                                                                         server):
     """The server killed -9 after the first checkpoint; training goes on (checkpoints keep coming) and is then killed
@@ -224,7 +233,10 @@ def test_training_goes_on_while_the_server_is_down_and_the_resumed_run_gets_ever
         wait_until("the outbox finding the server gone", lambda: any("metrics are queued" in x for x in err), 120,
                    proc)
         down_at = checkpoint_step(ws)
-        wait_until("a checkpoint made while the server is down", lambda: checkpoint_step(ws) >= down_at + 2, 300, proc)
+        # A checkpoint made while the server is down, and the record of what was unsent once its batch was logged
+        # (Lightning logs a batch's metrics after its checkpoint): a kill between the two would lose that batch's.
+        wait_until("a checkpoint made while the server is down, and its batch logged",
+                   lambda: unsent_step(ws) >= down_at + 2 and unsent_step(ws) == checkpoint_step(ws), 300, proc)
         kill_tree(proc)
     finally:
         stop(proc)
@@ -289,16 +301,13 @@ def flip_bytes(path: Path, at: float = 0.5, n: int = 64) -> None:
 
 
 def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_one_before_resumes_exactly(shards_dir, tmp_path):
-    """Killed -9 once two checkpoints are there, then last.ckpt's bytes flipped: the rerun refuses it in one line,
-    resumes from previous.ckpt and exports the uninterrupted run's weights, bit for bit. With last.ckpt cut short
-    and previous.ckpt flipped too, it says it starts afresh, and does (the same weights again: runs repeat)."""
+    """Killed -9 once two checkpoints are there. With last.ckpt cut short and previous.ckpt's bytes flipped, the
+    rerun says in one line each that it refuses them and starts afresh, and does: an uninterrupted run. With only
+    last.ckpt's bytes flipped, the rerun refuses it in one line, resumes from previous.ckpt and exports that
+    uninterrupted run's weights, bit for bit."""
     import shutil
     params = write_tiny_params(tmp_path / "params.yaml")
     cmd = effnet(*train_args(shards_dir, params, *LOGGED_SETS, "train.epochs=3"))  # the last --set wins
-    (tmp_path / "whole").mkdir()
-    whole = subprocess.run(cmd, cwd=tmp_path / "whole", capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
     ws = tmp_path / "flipped"
     ws.mkdir()
     proc = subprocess.Popen(cmd, cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -311,13 +320,6 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_one_before_resumes_
     both = shutil.copytree(ws, tmp_path / "both", symlinks=True)
     last, previous = ws / CHECKPOINTS / "last.ckpt", ws / CHECKPOINTS / "previous.ckpt"
     assert previous.is_file() and 0 < step_of(previous) < step_of(last) < 3 * 6
-    flip_bytes(last)
-    resumed = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    refusals = [line for line in resumed.stderr.splitlines() if "corrupt" in line]
-    assert len(refusals) == 1 and f"{CHECKPOINTS / 'last.ckpt'}: corrupt" in refusals[0], resumed.stderr[-3000:]
-    assert "trying the one before" in refusals[0] and f"resuming from {CHECKPOINTS / 'previous.ckpt'}" in resumed.stderr
-    assert result_json(resumed.stdout)["weights"] == result_json(whole.stdout)["weights"]
 
     cut = both / CHECKPOINTS / "last.ckpt"
     with cut.open("r+b") as f:
@@ -327,9 +329,17 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_one_before_resumes_
     assert afresh.returncode == 0, afresh.stderr[-3000:]
     refusals = [line for line in afresh.stderr.splitlines() if "corrupt" in line]
     assert len(refusals) == 2 and "starting afresh" in refusals[1] and "resuming from" not in afresh.stderr
-    assert result_json(afresh.stdout)["weights"] == result_json(whole.stdout)["weights"]
+
+    flip_bytes(last)
+    resumed = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    refusals = [line for line in resumed.stderr.splitlines() if "corrupt" in line]
+    assert len(refusals) == 1 and f"{CHECKPOINTS / 'last.ckpt'}: corrupt" in refusals[0], resumed.stderr[-3000:]
+    assert "trying the one before" in refusals[0] and f"resuming from {CHECKPOINTS / 'previous.ckpt'}" in resumed.stderr
+    assert result_json(resumed.stdout)["weights"] == result_json(afresh.stdout)["weights"]
 
 
+@pytest.mark.slow
 def test_a_registration_killed_after_its_version_is_made_is_completed_not_duplicated(tiny_params, shards_dir,
                                                                                       tmp_path):
     """`effnet register` killed -9 as soon as its model version is in the store (before or while its tags, model
@@ -424,8 +434,11 @@ def test_a_disk_full_while_sharding_is_one_line_and_the_previous_shards_stay_who
     assert snapshot(out) == before  # the manifest and every shard, byte for byte; no .tmp left
 
 
-def test_a_disk_full_while_checkpointing_stops_in_one_line_keeps_the_last_good_one_and_resumes(shards_dir, tmp_path,
-                                                                                             small_disk):
+def test_a_disk_full_while_checkpointing_stops_in_one_line_and_keeps_the_last_good_one(shards_dir, tmp_path,
+                                                                                      small_disk):
+    """The checkpoint folder on a small filesystem, filled once the first checkpoint is there: the next checkpoint
+    fails, the stage stops in one line naming it, the last good one (and its checksum) is intact, no temp file is
+    left; nothing else was written. (A rerun resumes from it as after any stop: test_train.py.)"""
     params = write_tiny_params(tmp_path / "params.yaml")
     folder = small_disk / "checkpoints/tiny"
     cmd = effnet(*train_args(shards_dir, params, *LOGGED_SETS, f"train.checkpoint_dir={small_disk / 'checkpoints'}"))
@@ -433,7 +446,7 @@ def test_a_disk_full_while_checkpointing_stops_in_one_line_keeps_the_last_good_o
                             start_new_session=True)
     try:
         wait_until("the first checkpoint", (folder / "last.ckpt").is_file, 300, proc)
-        filler = fill(small_disk)
+        fill(small_disk)
         err = proc.communicate(timeout=300)[1]
     finally:
         stop(proc)
@@ -443,11 +456,6 @@ def test_a_disk_full_while_checkpointing_stops_in_one_line_keeps_the_last_good_o
     from effnet.lightning import checked
     assert checked(folder / "last.ckpt") is not None
     assert not list(folder.glob("*.tmp")) and not (tmp_path / "trained").exists()
-
-    filler.unlink()
-    resumed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr and result_json(resumed.stdout)["steps"] == LOGGED_STEPS
 
 
 # ---- 4: a shard that goes bad during training ---------------------------------------------------------------------
@@ -496,6 +504,7 @@ def test_a_stream_over_shards_gone_bad_skips_and_counts_and_resumes_exactly(shar
         assert rest[-1][2].positions == whole[-1][2].positions
 
 
+@pytest.mark.slow
 def test_two_ranks_train_through_shards_gone_bad_and_log_what_they_skipped(shards_dir, tmp_path):
     """torchrun, 2 ranks: both run every step (no rank waits for another at a collective) and the run ends; the
     skips are said once per shard and logged as data/skipped."""
@@ -553,11 +562,10 @@ def worker(agent: subprocess.Popen) -> psutil.Process:
         (p for p in psutil.Process(agent.pid).children() if "effnet" in " ".join(p.cmdline())), None))
 
 
-def test_a_rank_killed_stops_the_other_in_seconds_with_one_line_and_the_rerun_resumes(shards_dir, tmp_path):
+def test_a_rank_killed_stops_the_other_in_seconds_with_one_line(shards_dir, tmp_path):
     """Two nodes (torchrun, one process each, as on two machines sharing the data and the checkpoint folder); node
     1's rank killed -9 mid-run: node 0's rank fails its next collective (the connection reset), stops in one line
-    and keeps its checkpoint; the same command on both nodes again resumes there and ends with the full count of
-    steps."""
+    and keeps its checkpoint. (Running the stage again resumes bit for bit: tests/test_train.py, slow.)"""
     params = write_tiny_params(tmp_path / "params.yaml")
     sets = ["train.epochs=6", "train.collective_timeout=20", f"train.checkpoint_dir={tmp_path / 'checkpoints'}"]
     procs = two_nodes(shards_dir, params, tmp_path, *sets)
@@ -577,17 +585,6 @@ def test_a_rank_killed_stops_the_other_in_seconds_with_one_line_and_the_rerun_re
     survivor = errors(err)[0]
     assert "rank 0 of 2: another rank is gone" in survivor and "last good checkpoint kept" in survivor
     assert survived_s < 60, f"rank 0 took {survived_s:.0f} s to stop"  # measured: ~8 s (5 of them its loader's)
-
-    procs = two_nodes(shards_dir, params, tmp_path, *sets)  # the same command on both nodes again: it resumes
-    try:
-        outs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            stop(p)
-    assert [p.returncode for p in procs] == [0, 0], errors(outs[0][1]) + errors(outs[1][1])
-    assert "resuming from" in outs[0][1]
-    ranks = [result_json(out) for out, _ in outs]
-    assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["steps"] == 6 * 3  # 96 images / (2 x 16)
 
 
 # ---- 6: the flow dies, or its server restarts --------------------------------------------------------------------

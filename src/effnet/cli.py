@@ -150,7 +150,7 @@ def dispatch(args: argparse.Namespace) -> object:
 def fault_line(e: BaseException) -> str | None:
     """One line for a fault of the machine rather than of the code: a disk (or quota) full, naming the file."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{e.filename or 'a file'}: {os.strerror(e.errno).lower()} (nothing half-written was kept)"
+        return f"{e.filename or 'a file'}: {os.strerror(e.errno).lower()}"
     return None
 
 

@@ -32,8 +32,10 @@ def write_atomic(path: str | Path, data: str | bytes, fs=None) -> None:
     try:
         with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the one meant
+            e.filename = str(path)
         raise
     os.replace(tmp, path)
 

@@ -637,10 +637,13 @@ class UnsentMetrics(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.saved_step is not None and self.logger and self.folder:
             sidecar = self.folder / self.SIDECAR
-            if unsent := self.logger.outbox.unsent():
-                io.write_json(sidecar, {"step": self.saved_step, "metrics": unsent})
-            else:
-                sidecar.unlink(missing_ok=True)
+            try:
+                if unsent := self.logger.outbox.unsent():
+                    io.write_json(sidecar, {"step": self.saved_step, "metrics": unsent})
+                else:
+                    sidecar.unlink(missing_ok=True)
+            except OSError:  # a full disk: the checkpoint's own list stands (the next checkpoint says it in one line)
+                pass
         self.saved_step = None
 
     def on_train_start(self, trainer, pl_module) -> None:
