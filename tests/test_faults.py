@@ -265,8 +265,9 @@ def test_a_server_gone_for_good_costs_the_stage_nothing_and_the_next_stage_deliv
     ws = tmp_path / "ws"
     ws.mkdir()
     env = os.environ | {"MLFLOW_TRACKING_URI": server.start().url}
-    proc = subprocess.Popen(effnet(*train_args(shards_dir, params, *LOGGED_SETS)), cwd=ws, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    cmd = effnet(*train_args(shards_dir, params, *LOGGED_SETS, "train.epochs=4"))  # the last --set wins
+    proc = subprocess.Popen(cmd, cwd=ws, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     try:
         wait_until("the first checkpoint", lambda: checkpoint_step(ws) >= 2, 300, proc)
         server.kill()
@@ -287,7 +288,7 @@ def test_a_server_gone_for_good_costs_the_stage_nothing_and_the_next_stage_deliv
     tracking.experiment("effnet")
     run, loss = train_run(server.client())
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
-    assert sorted(loss) == list(range(LOGGED_STEPS)) and not kept.exists()
+    assert sorted(loss) == list(range(4 * 6)) and not kept.exists()
 
 
 # ---- 3: a corrupt checkpoint --------------------------------------------------------------------------------------

@@ -161,14 +161,14 @@ def test_an_interrupted_run_resumed_exports_the_uninterrupted_runs_weights_bit_f
 
 @pytest.mark.slow
 def test_two_ranks_interrupted_mid_epoch_resume_bit_for_bit(shards_dir, tmp_path):
-    """The same on two ranks (torchrun, gloo), killed -9 (every process), stopped by SIGTERM (torchrun passes it on
-    to both ranks, which stop at the same step), then one rank killed -9 (the other stops at its next collective):
+    """The same on two ranks (torchrun, gloo), killed -9 (every process), one rank killed -9 (the other stops at its
+    next collective), then stopped by SIGTERM (torchrun passes it on to both ranks, which stop at the same step):
     each rank's stream, RNGs and position come back from the checkpoint rank 0 wrote."""
     params = write_tiny_params(tmp_path / "params.yaml")
     cmd = torchrun("--standalone", "--nproc-per-node", "2") + train_args(shards_dir, params, *RESUME_SETS,
                                                                           *TWO_RANKS)
     whole = _uninterrupted(cmd, tmp_path / "whole")
-    for how in ("kill -9", "SIGTERM", "kill -9 one rank"):
+    for how in ("kill -9", "kill -9 one rank", "SIGTERM"):
         ws = tmp_path / how.replace(" ", "")
         _, step, err, resumed = _interrupted(cmd, ws, how)
         assert 0 < step < EPOCHS * PER_EPOCH and step % PER_EPOCH, "not interrupted mid-epoch"
