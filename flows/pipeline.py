@@ -3,7 +3,10 @@
 The flow computes nothing itself: each task is `dvc repro --single-item <stage>` in the workspace, so DVC
 decides what is stale, records dvc.lock, and leaves the workspace exactly as `dvc repro` would (after a flow run,
 `dvc status` is clean). Prefect adds scheduling (flows/serve.py, prefect.yaml), retries, logs and a concurrency
-limit: one flow run at a time per workspace (DVC's repository lock would fail a second one mid-way instead).
+limit: one flow run at a time per workspace (DVC's repository lock would fail a second one mid-way instead), held as
+a lock on `.effnet/flow.lock` that the kernel releases when the run and the stage it started end, however they end:
+a flow killed mid-stage and run again continues from what DVC says is stale. (A Prefect global concurrency slot
+stayed taken after a kill -9: the temporary server keeps no lease, and the rerun waited for it for ever.)
 
 Overrides (`section.key=value`, as `effnet --set` takes them) are written into the workspace's params.yaml before
 any stage runs, comments kept, the way `dvc exp run -S` applies them: params.yaml stays the one source of truth,
@@ -24,7 +27,6 @@ job wrote (on storage this machine shares with the nodes) as it records any othe
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -33,9 +35,9 @@ from io import StringIO
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.concurrency.sync import concurrency
 
-from effnet import config, env, io
+from effnet import config, env, io, services, tracking
+from effnet.errors import EffnetError
 
 SHARED_STAGES = ["demo-data", "shard"]
 VARIANT_STAGES = ["train", "fixres", "evaluate", "register"]
@@ -133,10 +135,13 @@ def start_api() -> None:
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="dvc repro {target}")
-def repro(target: str, workspace: str, launcher: str | None = None) -> None:
+def repro(target: str, workspace: str, launcher: str | None = None, lock: int | None = None) -> None:
+    """`dvc repro --single-item TARGET` in WORKSPACE, its output in the task's log; LOCK (the workspace lock's file
+    descriptor) goes with it, so that the workspace stays locked while it runs, even if this process dies."""
     log = get_run_logger()
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", target], cwd=workspace,
-                            env=stage_env(launcher), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=stage_env(launcher), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            pass_fds=(lock,) if lock is not None else ())
     for line in proc.stdout:
         if line.strip():
             log.info(line.rstrip())
@@ -161,20 +166,7 @@ def apply_overrides(params_file: Path, overrides: list[str]) -> None:
     io.write_atomic(params_file, text.getvalue())
 
 
-def workspace_limit(workspace: str) -> str:
-    """The name of the global concurrency limit (1 slot) that serialises flow runs on WORKSPACE; created if new."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
-    real = os.path.realpath(workspace)
-    name = f"effnet-workspace-{hashlib.sha256(real.encode()).hexdigest()[:12]}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
-    return name
+WORKSPACE_LOCK = ".effnet/flow.lock"  # held by a flow run (and the stage it runs) for as long as it works there
 
 
 @flow(name="effnet-pipeline")
@@ -192,24 +184,41 @@ def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides:
     keys = variants or list(params.variants)
     for key in keys:
         params.variant(key)  # unknown variant: fail before any work
-    limit = workspace_limit(workspace)
-    log.info("waiting for the workspace (concurrency limit %s)", limit)
-    with concurrency(limit, occupy=1, strict=True):
+    tracking.check()  # the stages' MLflow store, down or malformed: one line now, not at the first stage that logs
+    lock_file = Path(workspace) / WORKSPACE_LOCK
+    with io.exclusive(lock_file, lambda: log.info("waiting for the workspace: another flow run holds %s", lock_file)
+                      ) as lock:
         apply_overrides(params_file, overrides or [])
         for stage in SHARED_STAGES:
-            repro(stage, workspace)
+            repro(stage, workspace, lock=lock)
         for key in keys:
             for stage in VARIANT_STAGES:
-                repro(f"{stage}@{key}", workspace, launcher if stage == "train" else None)
+                repro(f"{stage}@{key}", workspace, launcher if stage == "train" else None, lock=lock)
     return {key: json.loads((Path(workspace) / "metrics" / f"{key}.json").read_text()) for key in keys}
 
 
-def main() -> None:
-    """`python flows/pipeline.py` (make demo): the flow once, on Prefect's temporary server; prints the metrics."""
+def check_prefect_api() -> None:
+    """$PREFECT_API_URL, when set, answers `GET /health` within seconds; else EffnetError naming it, in one line
+    (Prefect itself would fail with a traceback when the flow starts). Unset: start_api() starts a temporary server."""
+    from prefect.settings import get_current_settings
+    url = get_current_settings().api.url
+    if url and (problem := services.http_problem(url.rstrip("/") + "/health")):
+        raise EffnetError(f"PREFECT_API_URL {url}: {problem}")
+
+
+def main() -> int:
+    """`python flows/pipeline.py` (`make demo`): the flow once on this workspace, after checking the Prefect API (or
+    starting Prefect's temporary server); prints the metrics."""
     env.configure()
-    start_api()
-    print(json.dumps(pipeline(), indent=2))
+    try:
+        check_prefect_api()
+        start_api()
+        print(json.dumps(pipeline(), indent=2))
+    except EffnetError as e:
+        print(f"effnet: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

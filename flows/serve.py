@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `flows` importable when run as a script
 
-from flows.pipeline import pipeline, start_api  # noqa: E402
+from effnet.errors import EffnetError  # noqa: E402
+from flows.pipeline import check_prefect_api, pipeline, start_api  # noqa: E402
 
 DEFAULT_NAME = "nightly"
 DEFAULT_CRON = "0 2 * * *"  # 02:00 every day, in the server's timezone (UTC unless set)
@@ -33,6 +34,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    try:
+        check_prefect_api()
+    except EffnetError as e:
+        sys.exit(f"effnet: error: {e}")
     start_api()
     pipeline.serve(name=args.name, cron=args.cron, pause_on_shutdown=False,
                    parameters={"workspace": str(Path(args.workspace).resolve())},

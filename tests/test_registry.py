@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from effnet import models, tracking
@@ -170,3 +173,26 @@ def test_promotion_compares_only_on_the_same_evaluated_data(store, tiny_params, 
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == best.version
     run = mlflow.get_run(best.run_id)
     assert run.data.metrics["promoted"] == 1.0 and run.data.metrics["champion_top1"] == 50.0
+
+
+def test_a_version_is_models_from_code_and_loads_in_a_fresh_process(store, demo_dir):
+    """The version holds the model's code (pyfunc_model.py), not a pickled object (MLflow's warning about pickles is
+    gone), and a fresh interpreter that has only the store loads it and predicts what this process does."""
+    import subprocess
+    import sys
+
+    from effnet import pyfunc
+    uri = store["first"].model_uri
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert Path(flavor["model_code_path"]).name == pyfunc.MODEL_CODE.name and "python_model" not in flavor
+    assert not list(local.rglob("*.pkl")) and (local / "code/effnet/pyfunc_model.py").is_file()
+    paths = [str(p) for p in sorted((demo_dir / "val").rglob("*.jpg"))[:3]]
+    here = mlflow.pyfunc.load_model(uri).predict(paths).to_numpy()
+    code = ("import json, sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "print(json.dumps(m.predict(sys.argv[2:]).to_numpy().tolist()))")
+    store_uri = f"sqlite:///{store['ws'] / 'mlflow.db'}"
+    fresh = subprocess.run([sys.executable, "-c", code, uri, *paths], capture_output=True, text=True, timeout=300,
+                           cwd=store["ws"], env=os.environ | {"MLFLOW_TRACKING_URI": store_uri})
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    np.testing.assert_allclose(np.array(json.loads(fresh.stdout.splitlines()[-1])), here, atol=1e-6)

@@ -96,9 +96,9 @@ TWO_RANKS = ["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp", "
 
 
 def _interrupted(cmd, ws, how):
-    """Start CMD in WS, interrupt it once its first checkpoint is there (kill -9 of every process, or SIGTERM to
-    the process group, as SLURM sends it), then run CMD again to the end. Returns the interrupted run's exit
-    status, its checkpoint's step and stderr, and the rerun's result."""
+    """Start CMD in WS, interrupt it once its first checkpoint is there (kill -9 of every process, kill -9 of one
+    rank of two, or SIGTERM to the process group, as SLURM sends it), then run CMD again to the end. Returns the
+    interrupted run's exit status, its checkpoint's step and stderr, and the rerun's result."""
     ws.mkdir()
     proc = subprocess.Popen(cmd, cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -108,6 +108,10 @@ def _interrupted(cmd, ws, how):
             time.sleep(0.02)
         if how == "kill -9":
             kill_tree(proc)
+        elif how == "kill -9 one rank":  # one of torchrun's two workers: the other stops, and torchrun with it
+            import psutil
+            ranks = [p for p in psutil.Process(proc.pid).children() if "effnet" in " ".join(p.cmdline())]
+            max(ranks, key=lambda p: p.pid).kill()
         else:
             os.killpg(proc.pid, signal.SIGTERM)
         err = proc.communicate(timeout=300)[1]
@@ -160,14 +164,14 @@ def test_an_interrupted_run_resumed_exports_the_uninterrupted_runs_weights_bit_f
 
 @pytest.mark.slow
 def test_two_ranks_interrupted_mid_epoch_resume_bit_for_bit(shards_dir, tmp_path):
-    """The same on two ranks (torchrun, gloo), killed -9 (every process), then stopped by SIGTERM (torchrun passes
-    it on to both ranks, which stop at the same step): each rank's stream, RNGs and position come back from the
-    checkpoint rank 0 wrote."""
+    """The same on two ranks (torchrun, gloo), killed -9 (every process), one rank killed -9 (the other stops at its
+    next collective), then stopped by SIGTERM (torchrun passes it on to both ranks, which stop at the same step):
+    each rank's stream, RNGs and position come back from the checkpoint rank 0 wrote."""
     params = write_tiny_params(tmp_path / "params.yaml")
     cmd = torchrun("--standalone", "--nproc-per-node", "2") + train_args(shards_dir, params, *RESUME_SETS,
                                                                           *TWO_RANKS)
     whole = _uninterrupted(cmd, tmp_path / "whole")
-    for how in ("kill -9", "SIGTERM"):
+    for how in ("kill -9", "kill -9 one rank", "SIGTERM"):
         ws = tmp_path / how.replace(" ", "")
         _, step, err, resumed = _interrupted(cmd, ws, how)
         assert 0 < step < EPOCHS * PER_EPOCH and step % PER_EPOCH, "not interrupted mid-epoch"

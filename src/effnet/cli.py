@@ -9,6 +9,7 @@ it: how a scheduler that runs the stage on one machine (DVC, the Prefect flow) t
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import subprocess
@@ -147,6 +148,13 @@ def dispatch(args: argparse.Namespace) -> object:
     raise AssertionError(args.command)
 
 
+def fault_line(e: BaseException) -> str | None:
+    """One line for a fault of the machine rather than of the code: a disk (or quota) full, naming the file."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{e.filename or 'a file'}: {os.strerror(e.errno).lower()}"
+    return None
+
+
 LAUNCHER_ENV = "EFFNET_LAUNCHER"
 
 
@@ -174,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `effnet predict ... | head`: the reader has gone, as with any Unix tool
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as e:  # a fault of the machine or a service (disk full, the MLflow store gone): one line
+        from effnet import tracking
+        if (line := fault_line(e) or tracking.store_failure(e)) is None:
+            raise
+        print(f"effnet: error: {line}", file=sys.stderr)
+        return 2
     if isinstance(result, BaseModel):  # predict's rows may be on stdout: its summary goes to stderr
         print(result.model_dump_json(indent=2), file=sys.stderr if args.command == "predict" else sys.stdout)
     return 0

@@ -113,6 +113,10 @@ class DataConfig(Section):
     """A split measured many times (evaluate's sweep, fixres's choice, val each epoch) is decoded once and held in
     memory when its decoded images fit in this many MiB; the training split too, in each loader worker (they share
     the MiB), which then only augment after the first epoch. 0: always stream."""
+    max_skipped: float = Field(default=0.01, ge=0, le=1)
+    """Share of the training samples read that may be skipped because their shard went bad after sharding (a
+    truncated tar, an image that no longer decodes): each is skipped and counted (data/skipped in MLflow); past
+    this share the stage stops, naming the shard (judged against at least one epoch's samples)."""
 
 
 class TrainConfig(Section):
@@ -179,6 +183,10 @@ class TrainConfig(Section):
     """Nodes; num_nodes x devices must match the processes a launcher starts."""
     strategy: str = "auto"
     """Lightning's strategy: auto, ddp, ..."""
+    collective_timeout: int = Field(default=600, ge=1)
+    """Seconds a collective (a gradient all-reduce, a barrier) may wait for the other ranks under ddp or fsdp before
+    it fails: a rank that died or hangs stops the others within this, not PyTorch's 30 min. Give it the longest a
+    healthy rank may lag (rank 0 writing a checkpoint, loader start-up)."""
     sync_bn: bool = False
     """BatchNorm statistics over the global batch under DDP (the TPU recipe's cross-replica BatchNorm)."""
     precision: str | None = None

@@ -17,6 +17,12 @@ DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # predict/export fetch a bundle: their own bar is the one shown
+    # MLflow retries a request 7 times over ~4 min (backoff 2 s, doubling) with a 120 s timeout each: a server that
+    # is down stalled a stage for 4 min 26 s before its traceback. 3 retries over ~6 s (backoff 1 s, doubling) ride
+    # out a restart; a longer outage is the stages' business (tracking.check at the start, an outbox in training).
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 NOISE = [

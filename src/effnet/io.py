@@ -2,6 +2,7 @@
 or the new one, never half of one) and sha256 hashing."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -14,16 +15,28 @@ CHUNK = 1 << 20
 
 
 def write_atomic(path: str | Path, data: str | bytes, fs=None) -> None:
-    """Write DATA to PATH through `PATH.tmp`; with FS (an fsspec filesystem), on that filesystem."""
+    """Write DATA to PATH through `PATH.tmp`; with FS (an fsspec filesystem), on that filesystem. A write that fails
+    (a full disk) removes the temp file and leaves PATH as it was."""
     tmp = f"{path}.tmp"
     if fs is not None:
-        with fs.open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
+        try:
+            with fs.open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+                f.write(data)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise
         fs.mv(tmp, str(path))
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the one meant
+            e.filename = str(path)
+        raise
     os.replace(tmp, path)
 
 
@@ -62,6 +75,27 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+@contextmanager
+def exclusive(path: str | Path, waiting=None) -> Iterator[int]:
+    """Hold an exclusive lock on PATH (made if missing) while the block runs, waiting for whoever holds it (WAITING()
+    is called first, once, when someone does); yields the lock's file descriptor. The kernel releases the lock when
+    the last process holding the descriptor ends, however it ends (kill -9 included): a crash leaves nothing to
+    clean up. Pass the descriptor to a child (`subprocess.Popen(pass_fds=...)`) to keep the lock until it ends too."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def sha256_stream(f, h=None):

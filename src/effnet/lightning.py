@@ -7,22 +7,28 @@ Under DDP, however launched (Lightning's own launcher, torchrun, srun: every ran
 folder, and only before the ranks first meet."""
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import logging
 import os
 import shutil
 import signal
 import time
+from datetime import timedelta
+from io import BytesIO
 from pathlib import Path
 
 import psutil
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.plugins.layer_sync import LayerSync
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.strategies import StrategyRegistry
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from timm.layers import BatchNormAct2d
 from timm.loss import SoftTargetCrossEntropy
@@ -283,8 +289,10 @@ def log_speed_settings(cfg: TrainConfig) -> dict:
 
 
 LAST = "last.ckpt"
+PREVIOUS = "previous.ckpt"  # the last.ckpt before the current one: what a resume falls back to
 BEST = "best.ckpt"  # with early stopping: the checkpoint of the epoch with the best val top-1
 RUN_FILE = "run.json"  # beside the checkpoint: the MLflow run it belongs to and the params it was made with
+CHECKSUMS = "checksums.json"  # beside the checkpoints: the sha256 (and step) of each one written whole
 MONITOR = "val/top1"
 
 
@@ -293,16 +301,80 @@ def fingerprint(params: dict, manifest: dict) -> str:
     return io.sha256_json({"params": params, "manifest": manifest})
 
 
+def read_checksums(folder: Path) -> dict[str, dict]:
+    try:
+        return json.loads((Path(folder) / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def checked(path: Path) -> dict | None:
+    """The checksums entry ({sha256, step}) that PATH's bytes match, or None: a file cut short or with flipped
+    bytes (as a failing disk or a full one leaves it), or one written by no save that completed. Any entry will do:
+    `CheckedCheckpointIO` lists the new sum before it renames, so a save killed between its steps leaves every file
+    it has not finished matching none."""
+    if not path.is_file():
+        return None
+    digest = io.sha256_file(path)
+    return next((e for e in read_checksums(path.parent).values() if e.get("sha256") == digest), None)
+
+
+class CheckedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, each file written whole, with its sha256 listed in `checksums.json` beside it,
+    and `last.ckpt`'s former self kept as `previous.ckpt`, so that a resume can refuse a corrupt checkpoint and go
+    on from the one before. A save that fails (a full disk) removes what it wrote and stops the run in one line
+    naming the file; the checkpoints already there are left as they were. Read back with `weights_only` (tensors
+    and plain values only: loading a checkpoint runs no code)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        buffer = BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getbuffer()
+        sums = read_checksums(path.parent)
+        entry = {"sha256": hashlib.sha256(data).hexdigest(), "step": checkpoint.get("global_step")}
+        rotate = path.name == LAST and path.is_file()
+        listed = {**sums, path.name: entry}
+        if rotate:
+            listed[PREVIOUS] = sums.get(LAST, {})
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            io.write_atomic(path.parent / CHECKSUMS, json.dumps(listed, indent=1))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise EffnetError(f"{path}: checkpoint not written: {e.strerror or e}") from None
+        if rotate:
+            os.replace(path, path.with_name(PREVIOUS))
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return super().load_checkpoint(path, map_location=map_location or (lambda storage, loc: storage),
+                                       weights_only=True)
+
+
 def resume_point(folder: Path, fp: str, resume: bool) -> tuple[str | None, str | None]:
     """(MLflow run id, checkpoint) to continue when FOLDER holds a resumable checkpoint made with fingerprint FP,
-    else (None, None). It only reads: every rank asks before the ranks meet; rank 0 empties a stale folder after
-    they have (`RunFile`), so that no rank reads what another is removing."""
+    else (None, None): `last.ckpt`, or where it does not match its checksum, `previous.ckpt`, each refusal said in
+    one line. It only reads: every rank asks before the ranks meet; rank 0 empties a stale folder after they have
+    (`RunFile`), so that no rank reads what another is removing."""
     meta = folder / RUN_FILE
-    if resume and (folder / LAST).is_file() and meta.is_file():
-        saved = json.loads(meta.read_text())
-        if saved.get("fingerprint") == fp:
-            return saved["run_id"], str(folder / LAST)
-        rank_zero_warn(f"{folder / LAST}: made with other params or data: starting afresh")
+    candidates = [folder / name for name in (LAST, PREVIOUS) if (folder / name).is_file()]
+    if not (resume and candidates and meta.is_file()):
+        return None, None
+    saved = json.loads(meta.read_text())
+    if saved.get("fingerprint") != fp:
+        rank_zero_warn(f"{candidates[0]}: made with other params or data: starting afresh")
+        return None, None
+    for path in candidates:
+        if (entry := checked(path)) is not None:
+            return saved["run_id"], str(path)
+        rest = "trying the one before" if path.name == LAST and len(candidates) > 1 else "starting afresh"
+        rank_zero_warn(f"{path}: corrupt (its bytes match no checksum in {CHECKSUMS}): refused; {rest}")
     return None, None
 
 
@@ -311,8 +383,8 @@ class RunFile(pl.Callback):
     only when it is on storage all nodes share); then rank 0 empties the folder when starting afresh (a stale or
     unwanted checkpoint) and writes the run file: the MLflow run and the fingerprint that a resume must match."""
 
-    def __init__(self, folder: Path, fp: str, resuming: bool):
-        self.folder, self.fp, self.resuming = folder, fp, resuming
+    def __init__(self, folder: Path, fp: str, resuming: bool, corrupt: Path | None = None):
+        self.folder, self.fp, self.resuming, self.corrupt = folder, fp, resuming, corrupt
 
     def setup(self, trainer, pl_module, stage) -> None:
         every = trainer.strategy.reduce_boolean_decision(self.resuming, all=True)
@@ -323,6 +395,8 @@ class RunFile(pl.Callback):
         if trainer.is_global_zero:
             if not self.resuming:
                 shutil.rmtree(self.folder, ignore_errors=True)
+            elif self.corrupt:  # resuming from the one before: the next save must not keep this as the fallback
+                self.corrupt.unlink(missing_ok=True)
             io.write_atomic(self.folder / RUN_FILE, json.dumps({"run_id": trainer.logger.run_id,
                                                                  "fingerprint": self.fp}))
 
@@ -439,6 +513,59 @@ def _swap_class(model: nn.Module, old: type, new: type) -> nn.Module:
     return model
 
 
+class SkippedSamples(pl.Callback):
+    """Samples the training stream skipped because their shard went bad (`train_stream.TrainStream._usable`), added
+    up over every loader worker and rank at each logging interval and epoch end (a collective: every rank runs the
+    same steps), logged as `data/skipped`, and past the datamodule's `max_skipped` share of the samples read
+    (against at least one epoch's worth, so that one bad sample early stops nothing) the run stops on every rank
+    together, in one line naming the shard that lost the most."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self.check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.check(trainer, pl_module)
+
+    def check(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        if not isinstance(dm, ShardDataModule) or dm.stream is None:
+            return
+        positions = dm.stream.positions.values()
+        skipped: dict[str, int] = {}
+        for p in positions:
+            for url, n in p.skipped.items():
+                skipped[url] = skipped.get(url, 0) + n
+        local = torch.tensor([sum(p.read for p in positions), sum(skipped.values())], dtype=torch.float64,
+                             device=pl_module.device)
+        read, total = (int(v) for v in trainer.strategy.reduce(local, reduce_op="sum"))
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_metrics({"data/skipped": float(total)}, step=trainer.global_step)
+        epoch = dm.stream.steps * dm.batch_size * trainer.world_size
+        if total <= dm.max_skipped * max(read, epoch):
+            return
+        every: dict[str, int] = {}
+        for rank in datamodule.per_rank(skipped):
+            for url, n in rank.items():
+                every[url] = every.get(url, 0) + n
+        worst = max(every, key=every.get)
+        raise EffnetError(f"{worst}: {every[worst]} of its samples skipped (cut short, or not an image); {total} of the "
+                          f"{read} training samples read so far skipped ({total / max(read, 1):.1%}), over "
+                          f"data.max_skipped {dm.max_skipped:.1%} (run `effnet shard` again, or raise it)")
+
+
+def strategy(cfg: TrainConfig):
+    """`train.strategy`, built with `train.collective_timeout` where its class takes a timeout (ddp and its kin,
+    fsdp): a rank that is gone or hung then stops the others within that time, each with one line, instead of
+    PyTorch's 30 minutes. Any other value (auto, or a strategy object) as it is."""
+    name = cfg.strategy
+    if isinstance(name, str) and name in StrategyRegistry:
+        entry = StrategyRegistry[name]
+        if "timeout" in inspect.signature(entry["strategy"].__init__).parameters:
+            return entry["strategy"](**{**entry["init_params"], "timeout": timedelta(seconds=cfg.collective_timeout)})
+    return name
+
+
 def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None, accumulate: int = 1,
                  sync_bn: bool = False, max_time: str | None = None, patience: int | None = None) -> pl.Trainer:
     """The Trainer on CFG's accelerator, devices, nodes and strategy, resolved: its world size and rank are known
@@ -458,10 +585,11 @@ def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None,
     try:
         trainer = pl.Trainer(
             max_epochs=epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-            strategy=cfg.strategy, precision=speed_settings(cfg)["precision"], logger=False, callbacks=callbacks,
+            strategy=strategy(cfg), precision=speed_settings(cfg)["precision"], logger=False, callbacks=callbacks,
             enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar,
             log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False, default_root_dir=".lightning",
-            accumulate_grad_batches=accumulate, plugins=[GlobalBatchNorm()] if sync_bn else None,
+            accumulate_grad_batches=accumulate,
+            plugins=[*([GlobalBatchNorm()] if sync_bn else []), *([CheckedCheckpointIO()] if checkpoints else [])],
             max_time=max_time,
         )
     except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
@@ -480,16 +608,109 @@ def global_batch(trainer: pl.Trainer, batch_size: int) -> int:
     return batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
+class KeptMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger, its metrics sent through a `tracking.Outbox` (a thread of its own): a store lost
+    mid-run costs training nothing, what is logged meanwhile reaches the store when it is back, and what has not by
+    the end is kept, with the run's final status, in the workspace (`tracking.keep_unsent`) for the next stage that
+    reaches the store; `kept` is then that file. Parameters, tags and the run itself are written directly: they
+    come at the start, after `tracking.check`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mlflow_client = tracking.outbox_client(self._tracking_uri, lambda: self.outbox)
+        self._outbox: tracking.Outbox | None = None
+        self.kept: Path | None = None
+
+    @property
+    def outbox(self) -> tracking.Outbox:
+        if self._outbox is None:
+            self._outbox = tracking.Outbox(self.run_id, self._tracking_uri)
+        return self._outbox
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if not self._initialized:
+            return
+        status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, status)
+        unsent = self.outbox.close()
+        if not unsent:
+            try:
+                self.experiment.set_terminated(self.run_id, status)
+                return
+            except Exception:  # noqa: BLE001 - the store went away after the last metric: keep the status
+                pass
+        self.kept = tracking.keep_unsent(self.run_id, unsent, status, self._tracking_uri)
+
+
+class UnsentMetrics(pl.Callback):
+    """What the store has not confirmed yet (while it is down) survives a kill: a run resumed from a checkpoint sends
+    it with its own metrics, and logs the steps after the checkpoint again itself. Lightning logs a batch's metrics
+    after the checkpoint made at that batch's end, so the checkpoint carries what was unsent when it was made, and
+    FOLDER/unsent.json, written as the next batch starts, what was unsent by then: that batch's metrics too."""
+
+    SIDECAR = "unsent.json"
+
+    def __init__(self, folder: Path | None = None):
+        self.folder, self.logger, self.restored, self.saved_step = folder, None, [], None
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.logger = trainer.logger if isinstance(trainer.logger, KeptMLFlowLogger) else None
+
+    def state_dict(self) -> dict:
+        return {"metrics": self.logger.outbox.unsent() if self.logger else []}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored = state["metrics"]
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.saved_step is not None and self.logger and self.folder:
+            sidecar = self.folder / self.SIDECAR
+            try:
+                if unsent := self.logger.outbox.unsent():
+                    io.write_json(sidecar, {"step": self.saved_step, "metrics": unsent})
+                else:
+                    sidecar.unlink(missing_ok=True)
+            except OSError:  # a full disk: the checkpoint's own list stands (the next checkpoint says it in one line)
+                pass
+        self.saved_step = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        sidecar = self.folder / self.SIDECAR if self.folder else None
+        if sidecar and sidecar.is_file():
+            kept = json.loads(sidecar.read_text())
+            if kept["step"] == trainer.global_step:  # made after the checkpoint this run resumes from
+                self.restored = kept["metrics"]
+        if self.logger and self.restored:
+            self.logger.outbox.put(self.restored)
+        self.restored = []
+
+
 def mlflow_logger(experiment: str, run_name: str, run_id: str | None, params: dict) -> MLFlowLogger:
     """Rank 0's logger: the run RUN_NAME (RUN_ID's, to continue one) in EXPERIMENT, created with the workspace's
     artifact location, tagged and with PARAMS logged."""
     stage, _, variant_key = run_name.partition("@")
     experiment_id = tracking.experiment(experiment)  # created with the workspace artifact location, not Lightning's
     tags = {"stage": stage, **tracking.run_tags(variant_key, params, stage, experiment_id=experiment_id)}
-    logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=tracking.tracking_uri(),
-                          artifact_location=None, run_id=run_id, tags=tags)
+    logger = KeptMLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=tracking.tracking_uri(),
+                              artifact_location=None, run_id=run_id, tags=tags)
     logger.log_hyperparams(params)  # on resume: the same values again, which MLflow accepts
     return logger
+
+
+def collective_failure(e: BaseException, trainer: pl.Trainer) -> str | None:
+    """One line for E when it is a collective that failed under DDP (another rank died: its connection reset; or
+    hangs: `train.collective_timeout` passed), else None."""
+    text = str(e).strip()
+    backend = any(s in text for s in ("gloo", "NCCL", "c10d", "ProcessGroup"))
+    if trainer.world_size < 2 or not (isinstance(e, torch.distributed.DistError) or backend):
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    reason = first.split("] ", 1)[-1].split(". ")[0]  # gloo: "[.../pair.cc:545] Read error [host]:port: Connection reset by peer. This is..."
+    return (f"rank {trainer.global_rank} of {trainer.world_size}: another rank is gone or does not answer ({reason}): "
+            "stopping (run the stage again on every node to resume)")
 
 
 def fit(trainer: pl.Trainer, module: Classifier, dm: ShardDataModule, cfg: TrainConfig, experiment: str,
@@ -507,8 +728,10 @@ def fit(trainer: pl.Trainer, module: Classifier, dm: ShardDataModule, cfg: Train
     run_id, ckpt_path = resume_point(folder, fp, cfg.resume) if folder else (None, None)
     trainer.logger = (mlflow_logger(experiment, run_name, run_id, params) if trainer.is_global_zero
                       else DummyLogger())  # LearningRateMonitor wants a logger on every rank
+    trainer.callbacks += [UnsentMetrics(folder), SkippedSamples()]
     if folder:
-        trainer.callbacks.append(RunFile(folder, fp, resuming=ckpt_path is not None))
+        refused = folder / LAST if ckpt_path and Path(ckpt_path).name != LAST else None
+        trainer.callbacks.append(RunFile(folder, fp, resuming=ckpt_path is not None, corrupt=refused))
     if ckpt_path:
         rank_zero_info(f"resuming from {ckpt_path} (MLflow run {run_id})")
     try:  # MLFlowLogger creates its run through the client, which starts no system metrics monitor by itself
@@ -516,9 +739,13 @@ def fit(trainer: pl.Trainer, module: Classifier, dm: ShardDataModule, cfg: Train
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except Preempted:
         raise
-    except EffnetError as e:  # NaN loss: the checkpoint folder stays, holding the last checkpoint saved before it
+    except Exception as e:  # NaN loss, a checkpoint not written, a rank gone: the folder keeps the last good one
+        message = str(e) if isinstance(e, EffnetError) else collective_failure(e, trainer)
+        if message is None:
+            raise
         kept = folder / LAST if folder else None
-        raise EffnetError(f"{e}; last good checkpoint kept: {kept}" if kept and kept.is_file() else str(e)) from None
+        raise EffnetError(f"{message}; last good checkpoint kept: {kept}" if kept and kept.is_file() else message
+                          ) from None
     best = folder / BEST if folder else None
     if trainer.is_global_zero and best and best.is_file():
         module.load_state_dict(torch.load(best, map_location=module.device, weights_only=True)["state_dict"])

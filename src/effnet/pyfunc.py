@@ -7,6 +7,10 @@ URL too), encoded bytes, an image path, or an HWC array of any size; a DataFrame
 column holds such items. Over HTTP that is `{"inputs": ["<base64>", ...]}` or `{"dataframe_split": {"columns":
 ["image"], "data": [["<base64>"], ...]}}`. The result is a DataFrame of class probabilities, one column per class.
 
+The model is logged as MLflow "models from code": `MODEL_CODE` (pyfunc_model.py, which defines `EffnetPyfunc` and
+hands it to `mlflow.models.set_model`) is stored with each version and run to load it, with the effnet package from
+the version's code; nothing is unpickled, so loading a version runs no code the store could have changed.
+
 The signature declares the outputs only: MLflow enforces an input schema before the model sees the data, and no
 schema of its lets both arrays and base64 text through (a tensor schema refuses text, a column schema arrays). The
 model checks its input itself, and a bad batch (empty, a wrong shape, an item that is not an image) raises an
@@ -16,22 +20,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
-from effnet import models
-from effnet.data import images, transforms
-
 # What the served model imports: pinned to the versions it was trained with.
 SERVING_REQUIREMENTS = ["torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas", "pydantic",
                         "pyyaml", "mlflow"]
 COLUMNS = ("image", "path")  # the columns a DataFrame (or dict) input is read from, in this order
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # the model's code, logged with each version
 
 
 def bad_input(message: str) -> MlflowException:
@@ -55,25 +55,6 @@ def batch_items(model_input) -> list:
     if not items:
         raise bad_input("empty batch: send at least one image")
     return items
-
-
-class EffnetPyfunc(mlflow.pyfunc.PythonModel):
-    """Images in (see the module docstring), class probabilities out (a DataFrame, one column per class name)."""
-
-    def load_context(self, context):
-        self.model, self.spec = models.load_bundle(Path(context.artifacts["bundle"]))
-        self.transform = transforms.eval_transform(self.spec.preprocessing)
-
-    def predict(self, context, model_input, params=None):
-        tensors = []
-        for i, item in enumerate(batch_items(model_input)):
-            try:
-                tensors.append(self.transform(images.load(item)))
-            except images.ImageError as e:
-                raise bad_input(f"item {i}: {e}") from None
-        with torch.inference_mode():
-            probs = self.model(torch.stack(tensors)).softmax(dim=1).numpy()
-        return pd.DataFrame(probs, columns=self.spec.classes)
 
 
 def signature(classes: list[str]) -> ModelSignature:

@@ -39,9 +39,10 @@ class ShardDataModule(pl.LightningDataModule):
 
     def __init__(self, shards: str | Path, train_tf, val_pre: Preprocessing | None, batch_size: int, num_workers: int,
                  shuffle_buffer: int, feed, seed: int = 0, draft: int | None = None, holdout: float = 0.0,
-                 hold_mb: int = 0):
+                 hold_mb: int = 0, max_skipped: float = 0.01):
         super().__init__()
         self.holdout, self.val_pre, self.hold_mb = holdout, val_pre, hold_mb
+        self.max_skipped = max_skipped  # share of the training samples read that may be skipped (shards gone bad)
         self._held_val: HeldSplit | None | bool = None  # False: too big to hold
         self.shards, self.train_tf, self.feed = _root(shards), train_tf, feed
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer

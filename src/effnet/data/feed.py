@@ -122,7 +122,7 @@ def data_module(params: Params, shards: str | Path, pre: Preprocessing, train_tf
     for validation), the device half of the configured data path, the `data.holdout` share of train left out."""
     return ShardDataModule(shards, train_tf, pre, batch_size, params.data.num_workers, params.data.shuffle_buffer,
                            for_params(params, pre, channels_last, augment), seed, holdout=params.data.holdout,
-                           hold_mb=params.data.hold_mb)
+                           hold_mb=params.data.hold_mb, max_skipped=params.data.max_skipped)
 
 
 def for_inference(params: Params, pre: Preprocessing) -> tuple[DeviceFeed, torch.device]:

@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from effnet.data import manifest, transforms
-from effnet.data.reading import decode, shard_urls
+from effnet.data.reading import decode, read_shard, shard_urls
 from effnet.models import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -55,16 +55,17 @@ class HeldShards:
         self.images: dict[tuple[str, str], Image.Image] = {}  # (url, key) -> decoded
         self.on = budget_mb > 0
 
-    def samples(self, shards):
-        """webdataset's `tarfile_to_samples` over SHARDS (dicts with a url), from memory where it can."""
+    def samples(self, shards, expected: dict[str, int] | None = None):
+        """`reading.read_shard` over SHARDS (dicts with a url; EXPECTED: their sample counts), from memory where it
+        can (a shard gone bad is held as read, its lost samples' stand-in included)."""
         for shard in shards:
             if not self.on:
-                yield from wds.tarfile_to_samples()([shard])
+                yield from read_shard(shard, expected)
             elif shard["url"] in self.shards:
                 yield from self.shards[shard["url"]]
             else:
                 read = []
-                for sample in wds.tarfile_to_samples()([shard]):
+                for sample in read_shard(shard, expected):
                     read.append(sample)
                     yield sample
                 if self.on:  # read to its end (an epoch can stop mid-shard: then it is read again)

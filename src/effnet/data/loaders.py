@@ -19,7 +19,7 @@ import webdataset as wds
 from effnet.data import manifest
 from effnet.data.gpu import collate_jpeg
 from effnet.data.held_splits import HeldShards
-from effnet.data.reading import decode, shard_urls
+from effnet.data.reading import decode, shard_sizes, shard_urls
 from effnet.data.train_stream import PREFETCH, Advance, Position, StreamState, TrainStream
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def train_loader(shards: str | Path, transform, batch_size: int, num_workers: in
         resume = None
     held = HeldShards(total, hold_mb / max(1, workers)) if hold_mb else None
     stream = TrainStream(shard_urls(shards, "train"), transform, batch_size, shuffle_buffer, seed, rank, steps,
-                         draft, resume, holdout, held)
+                         draft, resume, holdout, held, shard_sizes(shards, "train"))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=pin_memory, prefetch_factor=PREFETCH if workers else None,
                                          worker_init_fn=_lower_priority(nice))

@@ -5,6 +5,11 @@ Every rank and worker draws shards independently and endlessly, cut to a fixed e
 of the global batch, `loaders.epoch_steps`), so all DDP ranks run the same number of steps. Each batch carries the
 positions of the workers it brings news of (`Advance`); the training side folds them into a `StreamState`, which a
 checkpoint records and a resumed run continues from.
+
+A shard that went bad after sharding costs samples, never steps: a worker skips each sample it cannot use (an
+image that does not decode, a sample missing its image or label, the samples of a truncated tar lost after the
+fault: `reading.read_shard`) and takes the next, and counts it, by shard, in its position; the training side adds
+the counts up (`data/skipped`) and stops the run past `data.max_skipped` (`lightning.SkippedSamples`).
 """
 from __future__ import annotations
 
@@ -19,11 +24,13 @@ import torch
 import webdataset as wds
 
 from effnet.data import manifest
+from effnet.errors import EffnetError
 from effnet.data.gpu import collate_jpeg
 from effnet.data.held_splits import HeldShards
-from effnet.data.reading import decode
+from effnet.data.reading import LOST, decode, read_shard, say_once
 
 PREFETCH = 2  # batches each loader worker works ahead (the DataLoader's prefetch_factor)
+MAX_IN_A_ROW = 1000  # samples skipped in a row (or 20 batches' worth) after which a worker gives up on the shards
 
 
 @dataclass
@@ -36,6 +43,8 @@ class Position:
     epoch: int = 0
     samples: int = 0
     rng: dict | None = None
+    read: int = 0  # samples read over all epochs, skipped ones included
+    skipped: dict[str, int] = field(default_factory=dict)  # shard URL -> samples of it skipped, over all epochs
 
 
 class Advance:
@@ -114,13 +123,15 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: list[str], transform, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
                  steps: int, draft: int | None = None, resume: StreamState | None = None, holdout: float = 0.0,
-                 held: HeldShards | None = None):
+                 held: HeldShards | None = None, expected: dict[str, int] | None = None):
         super().__init__()
         self.urls, self.transform, self.batch_size, self.shuffle_buffer = urls, transform, batch_size, shuffle_buffer
         self.seed, self.rank, self.steps, self.draft = seed, rank, steps, draft
-        self.resume, self.holdout, self.held = resume, holdout, held
+        self.resume, self.holdout, self.held, self.expected = resume, holdout, held, expected
         self._epoch: int | None = None  # per worker process: the epoch its next iteration makes
         self._position = Position()
+        self._taken = 0  # items taken from this epoch's shuffled samples, skipped ones included (Position.samples)
+        self._read, self._skipped = 0, {}  # Position.read and .skipped as they grow
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -139,12 +150,15 @@ class TrainStream(torch.utils.data.IterableDataset):
         for i, _ in enumerate(own):
             batch = self._collate(list(itertools.islice(samples, self.batch_size)))
             if i < len(own) - 1:
-                self._position = Position(epoch, self._position.samples + self.batch_size, self._rng(info))
+                self._position = self._after(epoch, self._taken, info)
             else:
                 for _ in range((PREFETCH if info else 0) * self.batch_size + 1):
                     next(samples)
-                self._position = Position(epoch + 1, 0, self._rng(info))
+                self._position = self._after(epoch + 1, 0, info)
             yield *batch, Advance([(worker, self._position)])
+
+    def _after(self, epoch: int, taken: int, info) -> Position:
+        return Position(epoch, taken, self._rng(info), self._read, dict(self._skipped))
 
     def _begin(self, worker: int, in_worker: bool) -> int:
         """Set this worker's first epoch and position (its recorded one on resume); returns the epoch's first batch."""
@@ -154,6 +168,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             self._epoch, self._position = 0, Position(0, 0, self._rng(in_worker))
             return 0
         self._epoch, self._position = self.resume.epoch, self.resume.positions[worker]
+        self._read, self._skipped = self._position.read, dict(self._position.skipped)
         if self._position.rng is not None:
             set_rng_state(self._position.rng)
         return self.resume.batch
@@ -163,22 +178,51 @@ class TrainStream(torch.utils.data.IterableDataset):
         return rng_state() if in_worker else None  # without workers the training process owns the RNG
 
     def _samples(self, worker: int):
-        """This worker's (image, label) samples of its position's epoch, from its position on, transformed."""
+        """This worker's (image, label) samples of its position's epoch, from its position on, transformed; the
+        ones it cannot use skipped and counted (`_usable`)."""
         key = self.rank * 1000 + worker  # webdataset's pytorch_worker_seed
         shards = _resampled(self.urls, wds.utils.make_seed(key, self._position.epoch, self.seed))
         held = self.held if self.transform is not None else None  # bytes for a device decoder: nothing to spare
-        read = held.samples if held else wds.tarfile_to_samples()
-        samples = (s for s in read(shards) if not manifest.in_holdout(s["__key__"], self.holdout))
+        read = held.samples(shards, self.expected) if held else (s for shard in shards
+                                                                 for s in read_shard(shard, self.expected))
+        samples = (s for s in read if LOST in s or not manifest.in_holdout(s["__key__"], self.holdout))
         if self.shuffle_buffer >= 1:
             rng = random.Random(wds.utils.make_seed(self.seed, key))
             samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-        items = itertools.islice(wds.to_tuple("jpg", "cls", "__url__", "__key__")(samples), self._position.samples,
-                                 None)
-        if self.transform is None:
-            return ((bytes(jpg), int(cls)) for jpg, cls, *_ in items)
-        if held:
-            return ((self.transform(held.image(jpg, url, key, self.draft)), int(cls)) for jpg, cls, url, key in items)
-        return ((self.transform(decode({"jpg": jpg}, self.draft)), int(cls)) for jpg, cls, *_ in items)
+        self._taken = self._position.samples
+        items = ((s.get("jpg"), s.get("cls"), s["__url__"], s["__key__"], s.get(LOST)) for s in samples)
+        return self._usable(itertools.islice(items, self._position.samples, None), held)
+
+    def _usable(self, items, held: HeldShards | None):
+        """ITEMS (jpg, cls, url, key, lost) made into (image, label) samples; what cannot be, skipped and counted in
+        the position: a lost samples' stand-in (as the samples it stands for), a sample without its image or label,
+        an image that does not decode (the CPU path's: a device decoder gets the bytes as they are)."""
+        in_a_row = 0  # skipped since the last usable sample: every shard bad would otherwise loop for ever
+        for jpg, cls, url, key, lost in items:
+            self._taken += 1
+            self._read += lost if lost is not None else 1
+            in_a_row += 1
+            if in_a_row > max(MAX_IN_A_ROW, 20 * self.batch_size):
+                raise EffnetError(f"{url}: none of the last {in_a_row - 1} samples read could be used: the shards are "
+                                  "bad (run `effnet shard` again)")
+            if lost is not None or jpg is None or cls is None:
+                if lost != 0:
+                    self._skipped[url] = self._skipped.get(url, 0) + (lost or 1)
+                    if lost is None:
+                        say_once(f"{url}/{key}", "no image or no label")
+                continue
+            if self.transform is None:
+                in_a_row = 0
+                yield bytes(jpg), int(cls)
+                continue
+            try:
+                image = held.image(jpg, url, key, self.draft) if held else decode({"jpg": jpg}, self.draft)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for bytes that are not a whole image
+                self._skipped[url] = self._skipped.get(url, 0) + 1
+                say_once(f"{url}/{key}", f"not a decodable image ({type(e).__name__}: {e})")
+                continue
+            in_a_row = 0
+            yield self.transform(image), int(cls)
 
     def _collate(self, samples: list[tuple]):
         if self.transform is None:

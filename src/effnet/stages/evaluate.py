@@ -76,6 +76,7 @@ def run(params: Params, variant_key: str, shards: str | Path, bundles: dict[str,
     """Evaluate each bundle (label -> folder); write OUT (the metrics JSON), PLOT (default
     `plots/<variant>_resolution.json`: the sweep) and CONFUSION (default `plots/confusion/<variant>.json`), and log
     them to MLflow."""
+    tracking.check()  # a store that is down stops the stage here, in seconds, before any model is measured
     plot = Path(plot or f"plots/{variant_key}_resolution.json")
     confusion = Path(confusion or f"plots/confusion/{variant_key}.json")
     # start_run(experiment_id=...), not set_experiment: that would export MLFLOW_EXPERIMENT_ID to later stages.

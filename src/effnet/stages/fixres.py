@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
+from pytorch_lightning.utilities import rank_zero_only
 from timm.layers import BatchNormAct2d
 from torch import nn
 
@@ -91,6 +92,7 @@ class Tuning:
 def run(params: Params, variant_key: str, shards: str | Path, trained: Path, out: Path) -> FixResResult:
     """Fine-tune the TRAINED bundle at the FixRes resolution on SHARDS; write the new bundle to OUT."""
     cfg = params.fixres
+    rank_zero_only(tracking.check)()  # the one process that logs: a store that is down stops it here, in seconds
     model, spec = models.load_bundle(trained)
     choice = choose(params, model, spec, shards)
     pre = spec.preprocessing.at(choice.img_size)

@@ -76,11 +76,12 @@ def run(params: Params, variant_key: str, metrics_file: Path, bundles: dict[str,
 
     SHARDS (optional) gives the data fingerprints the promotion compares on; PLOT (optional, evaluate's sweep rows)
     the candidate table of the model card."""
+    tracking.check()  # a store that is down stops the stage here, in seconds, before the ONNX export
     experiment_id = tracking.experiment(params.mlflow.experiment)
     run_tags = tracking.run_tags(variant_key, params, "register", experiment_id=experiment_id)
     new = describe(variant_key, json.loads(Path(metrics_file).read_text()), bundles, shards,
                    json.loads(Path(plot).read_text()) if plot else None, run_tags)
-    registration = (registered(variant_key, new.key, experiment_id)
+    registration = (registered(params, variant_key, new, experiment_id)
                     or publish(params, variant_key, new, experiment_id, run_tags))
     io.write_json(out, registration.model_dump())
     return registration
@@ -114,20 +115,23 @@ def describe(variant_key: str, metrics: dict, bundles: dict[str, Path], shards: 
     return Version(model, spec, float(selected[f"{split}_top1"]), tags, card, key)
 
 
-def registered(name: str, key: str, experiment_id: str) -> Registration | None:
-    """The version already registered from the same model, metrics and data, if any."""
+def registered(params: Params, name: str, new: Version, experiment_id: str) -> Registration | None:
+    """The version already registered from the same model, metrics and data, if any; one whose registration was cut
+    short (the stage killed after the version was made, before its promotion was decided) is completed first."""
     client = mlflow.MlflowClient()
-    runs = client.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{key}'", order_by=["attributes.start_time ASC"])
+    runs = client.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{new.key}'",
+                              order_by=["attributes.start_time ASC"])
     for r in runs:
         try:
             versions = client.search_model_versions(f"name = '{name}' and run_id = '{r.info.run_id}'")
         except MlflowException:
             versions = []
         if versions:
-            mv = min(versions, key=lambda v: int(v.version))
-            decision = json.loads(r.data.tags.get(DECISION_TAG, "{}"))
-            return Registration(name=name, version=str(mv.version), run_id=r.info.run_id,
-                                model_uri=f"models:/{name}/{mv.version}", already_registered=True, **decision)
+            mv = str(min(versions, key=lambda v: int(v.version)).version)
+            decision = (json.loads(r.data.tags[DECISION_TAG]) if DECISION_TAG in r.data.tags
+                        else complete(client, params, name, mv, new, r.info.run_id))
+            return Registration(name=name, version=mv, run_id=r.info.run_id,
+                                model_uri=f"models:/{name}/{mv}", already_registered=True, **decision)
     return None
 
 
@@ -147,28 +151,37 @@ def publish(params: Params, variant_key: str, new: Version, experiment_id: str, 
         mlflow.log_metrics({"top1": new.top1, "top5": float(new.tags["measured_top5"])})
         with onnx_export.exported(bundle, params.export) as onnx_file:  # parity-checked, or no version at all
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=pyfunc.EffnetPyfunc(),
+                name="model", python_model=str(pyfunc.MODEL_CODE),  # models from code: no pickle to load
                 artifacts={"bundle": str(bundle), "onnx": str(onnx_file)},
                 code_paths=[str(Path(effnet.__file__).parent)], signature=pyfunc.signature(spec.classes),
                 input_example=example, registered_model_name=variant_key,
                 metadata={"classes": spec.classes, "preprocessing": spec.preprocessing.model_dump()},
                 pip_requirements=[f"{p}=={version(p)}" for p in pyfunc.SERVING_REQUIREMENTS])
         mv = str(info.registered_model_version)
-        for k, v in new.tags.items():
-            client.set_model_version_tag(variant_key, mv, k, v)
-        client.update_model_version(variant_key, mv, description=new.description)
-        if not client.get_registered_model(variant_key).description:
-            client.update_registered_model(variant_key, description=f"{spec.resolve().name}: TF-EfficientNet from "
-                                           "the effnet pipeline; each version's description is its model card.")
-        decision = promote(client, variant_key, mv, new.top1, new.tags.get("eval_fingerprint"), params.registry)
-        mlflow.set_tags({DECISION_TAG: json.dumps(decision),
-                         "effnet.promotion": "champion" if decision["promoted"] else params.registry.challenger_alias})
-        mlflow.log_dict(decision | {"version": mv}, "promotion.json")
-        mlflow.log_metrics({"promoted": float(decision["promoted"]),
-                            **({"champion_top1": decision["champion_top1"]}
-                               if decision["champion_top1"] is not None else {})})
+        decision = complete(client, params, variant_key, mv, new, r.info.run_id)
     return Registration(name=variant_key, version=mv, run_id=r.info.run_id, model_uri=info.model_uri,
                         already_registered=False, **decision)
+
+
+def complete(client: mlflow.MlflowClient, params: Params, name: str, mv: str, new: Version, run_id: str) -> dict:
+    """Version MV's tags and model card, the promotion decided, and the decision recorded in RUN_ID, last: a run
+    without the decision tag is a registration cut short, which `registered` completes on the next run."""
+    for k, v in new.tags.items():
+        client.set_model_version_tag(name, mv, k, v)
+    client.update_model_version(name, mv, description=new.description)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=f"{new.spec.resolve().name}: TF-EfficientNet from "
+                                       "the effnet pipeline; each version's description is its model card.")
+    decision = promote(client, name, mv, new.top1, new.tags.get("eval_fingerprint"), params.registry)
+    client.log_dict(run_id, decision | {"version": mv}, "promotion.json")
+    for key, value in {"promoted": float(decision["promoted"]),
+                       **({"champion_top1": decision["champion_top1"]}
+                          if decision["champion_top1"] is not None else {})}.items():
+        client.log_metric(run_id, key, value)
+    client.set_tag(run_id, "effnet.promotion",
+                   "champion" if decision["promoted"] else params.registry.challenger_alias)
+    client.set_tag(run_id, DECISION_TAG, json.dumps(decision))
+    return decision
 
 
 def data_fingerprints(shards: str | Path | None, split: str) -> dict[str, str]:

@@ -9,9 +9,11 @@ Every source file is checked in a worker process (`prepare`): valid RGB JPEGs ar
 decodable images (PNG/WebP/GIF under any name, CMYK, greyscale, 16-bit, EXIF-rotated) become RGB JPEGs; the rest
 (empty, not an image, truncated, too small, decompression bombs) are skipped and listed with their reason.
 Samples are shuffled across shards with a fixed seed, results come back in order and tar headers carry a fixed
-mtime, so the same inputs give byte-identical shards. Each shard is written under a temporary name and renamed when
-complete; the old manifest is removed first and the new one written last, so a killed run leaves no manifest and
-no truncated shard, and re-running it ends with the same files as an uninterrupted run.
+mtime, so the same inputs give byte-identical shards. Every shard is written under a temporary name, and renamed
+only once all are complete: a run that fails while writing them (a full disk: one line naming the folder) removes
+what it wrote and leaves an earlier run's shards and manifest as they were. Then the old manifest is removed, the
+shards renamed and the new manifest written last, so a killed run leaves no manifest and no truncated shard, and
+re-running it ends with the same files as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -193,8 +195,8 @@ def _pool(workers: int):
 # ---- writing --------------------------------------------------------------------------------------------------
 
 class Shards:
-    """Writes one split's samples into `<split>-NNNNNN.tar` files of at most `count` samples / `size` bytes (plus
-    tar's padding to whole 10 KiB records); each file appears under its final name only once complete."""
+    """Writes one split's samples into `<split>-NNNNNN.tar.tmp` files of at most `count` samples / `size` bytes
+    (plus tar's padding to whole 10 KiB records); `publish` renames them once every split's are complete."""
 
     def __init__(self, fs, root: str, split: str, count: int, size: int | None):
         self.fs, self.root, self.split, self.count, self.size = fs, root, split, count, size
@@ -216,8 +218,17 @@ class Shards:
         if self.tar:
             self.tar.close()
             self.file.close()
-            self.fs.mv(f"{self.root}/{self.name}.tmp", f"{self.root}/{self.name}")
             self.done.append({"name": self.name, "samples": self.n})
+            self.tar = None
+
+    def abort(self) -> None:
+        """Close the file being written without flushing what a full disk refused (its .tmp is removed after)."""
+        if self.tar:
+            for close in (self.tar.close, self.file.close):  # each marks itself closed before the write that fails
+                try:
+                    close()
+                except (OSError, ValueError):
+                    pass
             self.tar = None
 
 
@@ -235,11 +246,19 @@ def run(cfg: ShardConfig, src: Path, out: str | Path) -> ShardResult:
     classes, files, held_out = list_source(src, cfg.val_fraction, cfg.seed)
     fs, root = fsspec.core.url_to_fs(str(out))
     fs.makedirs(root, exist_ok=True)
+    jobs = {s: random.Random(cfg.seed).sample(files[s], len(files[s])) for s in SPLITS if s in files}
+    try:
+        splits, digests, rejects = write_shards(cfg, jobs, fs, root, base=src.parent if src.is_file() else src)
+    except OSError as e:  # a full disk, a quota, a store gone: what was there stays, what this run wrote goes
+        for path in fs.glob(f"{root}/*.tmp"):
+            fs.rm(path)
+        raise EffnetError(f"{out}: shards not written: {e.strerror or e} (what was there is as it was)") from None
+    names = [s["name"] for sp in splits.values() for s in sp["shards"]]
     if fs.exists(f"{root}/{MANIFEST}"):
         fs.rm(f"{root}/{MANIFEST}")  # from here on OUT is incomplete until the new manifest lands
-    jobs = {s: random.Random(cfg.seed).sample(files[s], len(files[s])) for s in SPLITS if s in files}
-    splits, digests, rejects = write_shards(cfg, jobs, fs, root, base=src.parent if src.is_file() else src)
-    _remove_stale(fs, root, {s["name"] for sp in splits.values() for s in sp["shards"]})
+    for name in names:  # renames: no space needed
+        fs.mv(f"{root}/{name}.tmp", f"{root}/{name}")
+    _remove_stale(fs, root, set(names))
     io.write_atomic(f"{root}/{REJECTS}", json.dumps(rejects, indent=2), fs)
     n_in = sum(len(j) for j in jobs.values())
     allowed = math.ceil(cfg.max_bad_fraction * n_in)  # rounded up: a tiny dataset may always lose a file
@@ -269,16 +288,20 @@ def write_shards(cfg: ShardConfig, jobs: dict[str, list[tuple[Path, int]]], fs, 
         for split, todo in jobs.items():
             sink, count = Shards(fs, root, split, cfg.samples_per_shard, cfg.shard_bytes), 0
             results = pool.imap(partial(_work, cfg=cfg), [str(p) for p, _ in todo], chunksize=8)
-            for (path, label), (digest, jpeg, reason) in zip(todo, results):
-                rel = os.path.relpath(path, base).replace(os.sep, "/")
-                digests[rel] = f"{label}:{digest}"
-                if jpeg is None:
-                    rejects.append({"path": rel, "reason": reason})
-                else:
-                    sink.write({"__key__": f"{count:09d}", "jpg": jpeg, "cls": label})
-                    count += 1
-                bar.advance(task)
-            sink.close()
+            try:
+                for (path, label), (digest, jpeg, reason) in zip(todo, results):
+                    rel = os.path.relpath(path, base).replace(os.sep, "/")
+                    digests[rel] = f"{label}:{digest}"
+                    if jpeg is None:
+                        rejects.append({"path": rel, "reason": reason})
+                    else:
+                        sink.write({"__key__": f"{count:09d}", "jpg": jpeg, "cls": label})
+                        count += 1
+                    bar.advance(task)
+                sink.close()
+            except OSError:
+                sink.abort()
+                raise
             splits[split] = {"shards": sink.done, "total": count, "rejected": len(todo) - count}
     return splits, digests, sorted(rejects, key=lambda r: r["path"])
 

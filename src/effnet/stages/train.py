@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from pydantic import BaseModel
+from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
-from effnet import io, lightning, models
+from effnet import io, lightning, models, tracking
 from effnet.config import Params, TrainConfig
 from effnet.data import feed, regularise, transforms
 from effnet.data.manifest import read_manifest
@@ -70,6 +71,7 @@ def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
     The Trainer comes first: its world size sets the global batch and so the LR, and a setting it cannot run with
     stops the stage before any work."""
     cfg, variant = params.train, params.variant(variant_key)
+    rank_zero_only(tracking.check)()  # the one process that logs: a store that is down stops it here, in seconds
     trainer = lightning.make_trainer(cfg, cfg.epochs, checkpoint_folder(cfg, variant_key), cfg.accumulate_grad_batches,
                                      cfg.sync_bn, cfg.max_time, cfg.early_stop_patience)
     global_batch = lightning.global_batch(trainer, cfg.batch_size)
