@@ -43,10 +43,11 @@ DATA_OUT = "data/shards"  # the dvc.yaml output whose dvc.lock hash identifies t
 def machine() -> str:
     """This machine as a figure should name it: the CPU model with its family and model numbers (oneDNN chooses its
     kernels by the CPU, so the weights and the last digits of a figure move with it), the cores this process may
-    use, and the GPUs. E.g. `AMD EPYC (family 26, model 2), 2 cores, x86_64, no GPU`."""
+    use, and the machine's GPUs (asked of NVIDIA's driver, not torch: the flow imports this module and no torch).
+    E.g. `AMD EPYC (family 26, model 2), 2 cores, x86_64, no GPU`."""
     import platform
 
-    import torch
+    import pynvml
     info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -57,8 +58,14 @@ def machine() -> str:
     cpu = info.get("model name") or platform.processor() or "unknown CPU"
     if "cpu family" in info:
         cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
-    gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available()
-           else "no GPU")
+    try:
+        pynvml.nvmlInit()
+        gpus = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+                for i in range(pynvml.nvmlDeviceGetCount())]
+        pynvml.nvmlShutdown()
+    except pynvml.NVMLError:  # no NVIDIA driver
+        gpus = []
+    gpu = f"{len(gpus)} x {gpus[0]}" if gpus else "no GPU"
     return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.machine()}, {gpu}"
 
 
