@@ -620,6 +620,7 @@ class KeptMLFlowLogger(MLFlowLogger):
         self._mlflow_client = tracking.outbox_client(self._tracking_uri, lambda: self.outbox)
         self._outbox: tracking.Outbox | None = None
         self.kept: Path | None = None
+        self._finalized = False
 
     @property
     def outbox(self) -> tracking.Outbox:
@@ -629,8 +630,9 @@ class KeptMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        if not self._initialized:
+        if not self._initialized or self._finalized:  # once: a second call would keep the unsent twice
             return
+        self._finalized = True
         status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, status)
         unsent = self.outbox.close()
         if not unsent:
