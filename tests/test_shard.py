@@ -175,6 +175,38 @@ def test_csv_and_tsv_lists_with_splits(tmp_path):
         shard.run(CFG, tmp_path / "test.csv", tmp_path / "out4")
 
 
+def test_unlabeled_images_at_any_depth_or_as_table_rows_get_their_own_shards_without_a_class(tmp_path):
+    src = image_folder(tmp_path / "src", {"ok.jpg": GOOD})
+    files = {"unlabeled/a.jpg": GOOD, "unlabeled/web/2026/b.png": encode(noise(40, 30), "PNG"),
+             "unlabeled/deep/er/c.jpg": encode(noise(50, 40, seed=3)), "unlabeled/deep/text.jpg": b"not an image"}
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    m = sharded(CFG, src, tmp_path / "out")
+    unl = m["splits"]["unlabeled"]
+    assert (unl["total"], unl["rejected"]) == (3, 1) and m["classes"] == ["a", "b"]
+    assert [r["path"] for r in m["rejects"]] == ["unlabeled/deep/text.jpg"]  # listed, not fatal
+    assert m["counts"]["inputs"] == 2 + 4 + 4 and m["splits"]["train"]["total"] == 2  # train as without unlabeled/
+    assert len(stored(tmp_path / "out", m, "unlabeled")) == 3
+    assert not stored(tmp_path / "out", m, "unlabeled", ".cls")  # no class member at all
+    assert unl["fingerprint"] != m["splits"]["train"]["fingerprint"]
+    without = sharded(CFG, image_folder(tmp_path / "plain", {"ok.jpg": GOOD}), tmp_path / "out2")
+    assert without["fingerprint"] != m["fingerprint"] and "unlabeled" not in without["splits"]
+    assert without["splits"]["train"]["fingerprint"] == m["splits"]["train"]["fingerprint"]
+
+    (tmp_path / "img").mkdir()
+    for i in range(5):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(encode(noise(32, 32, seed=i)))
+    (tmp_path / "list.csv").write_text("path,label,split\nimg/0.jpg,cat,train\nimg/1.jpg,dog,train\n"
+                                       "img/2.jpg,,unlabeled\nimg/3.jpg,,unlabeled\nimg/4.jpg,dog,val\n")
+    t = sharded(CFG, tmp_path / "list.csv", tmp_path / "out3")
+    assert t["splits"]["unlabeled"]["total"] == 2 and t["classes"] == ["cat", "dog"]
+    for bad in ("img/2.jpg,cat,unlabeled", "img/2.jpg,,train"):  # a label on an unlabeled row; none on a train row
+        (tmp_path / "bad.csv").write_text(f"img/0.jpg,cat\nimg/1.jpg,dog\n{bad}\n")
+        with pytest.raises(EffnetError, match=r"bad.csv: row 3: .*unlabeled"):
+            shard.run(CFG, tmp_path / "bad.csv", tmp_path / "out4")
+
+
 def test_a_source_without_val_gets_a_stratified_seeded_hold_out(tmp_path):
     src = tmp_path / "src"
     for cls, n in (("a", 20), ("b", 10), ("c", 2)):

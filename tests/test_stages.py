@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from effnet import config, models
+from effnet.config import DemoDataConfig
 from effnet.data import loaders, manifest, transforms
 from effnet.errors import EffnetError
 from effnet.stages import demo_data, evaluate, fixres, register, shard
@@ -36,6 +37,27 @@ def test_demo_data_is_an_image_folder_and_deterministic(tiny_params, demo_dir, t
     again = demo_data.run(cfg, tmp_path / "again")
     assert again.counts == {"train": cfg.classes * cfg.train_per_class, "val": cfg.classes * cfg.val_per_class}
     assert digest(tmp_path / "again") == digest(demo_dir)
+
+
+@pytest.mark.parametrize("dataset", ["shapes", "digits"])
+def test_demo_data_semi_supervised_keeps_a_share_of_each_class_labeled_and_moves_the_rest_classless(
+        dataset, tmp_path):
+    cfg = DemoDataConfig(dataset=dataset, classes=3, train_per_class=20, val_per_class=4, image_size=16)
+    full = demo_data.run(cfg, tmp_path / "full")
+    semi = demo_data.run(cfg.model_copy(update={"labeled": 0.1}), tmp_path / "semi")
+    assert semi.counts["train"] + semi.counts["unlabeled"] == full.counts["train"]
+    for folder in (tmp_path / "full" / "train").iterdir():
+        kept = sorted(p.name for p in (tmp_path / "semi" / "train" / folder.name).iterdir())
+        assert len(kept) == max(1, round(len(list(folder.iterdir())) * 0.1))
+        assert set(kept) <= {p.name for p in folder.iterdir()}
+    moved = sorted((tmp_path / "semi" / "unlabeled").iterdir())
+    assert len(moved) == semi.counts["unlabeled"] and all(len(p.stem) == 16 for p in moved)  # names tell no class
+    assert sorted(p.read_bytes() for p in moved) == sorted(  # the same images, only moved
+        p.read_bytes() for p in (tmp_path / "full" / "train").rglob("*.jpg")
+        if not (tmp_path / "semi" / "train" / p.parent.name / p.name).exists())
+    assert digest(tmp_path / "semi" / "val") == digest(tmp_path / "full" / "val")
+    again = demo_data.run(cfg.model_copy(update={"labeled": 0.1}), tmp_path / "again")
+    assert digest(tmp_path / "again") == digest(tmp_path / "semi")
 
 
 def test_shard_manifest_counts_every_sample_and_is_byte_identical(tiny_params, demo_dir, shards_dir, tmp_path):

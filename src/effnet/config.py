@@ -56,8 +56,11 @@ class DemoDataConfig(Section):
     """Validation images per class (shapes only)."""
     image_size: int = Field(default=96, ge=8)
     """Side of the square JPEGs written, in pixels."""
+    labeled: float = Field(default=1.0, gt=0, le=1)
+    """Share of each class's training images kept with their class; the rest go to unlabeled/ without it (a
+    semi-supervised split, for Noisy Student). 1: every training image labeled, no unlabeled/."""
     seed: int = 0
-    """Seed of the drawing."""
+    """Seed of the drawing (and of which training images stay labeled)."""
 
 
 class ShardConfig(Section):

@@ -13,6 +13,7 @@ import webdataset as wds
 from effnet.errors import EffnetError
 
 SPLITS = ("train", "val", "test")  # train and val always (val held out of train when the source has none); test optional
+UNLABELED = "unlabeled"  # images without a class (Noisy Student's): samples with no `cls`, optional
 MANIFEST = "manifest.json"
 REJECTS = "rejects.json"
 

@@ -9,10 +9,15 @@ one's own. `demo_data.dataset` picks one of two:
   EfficientNet learns them in minutes on a CPU and the apparent object size varies as in real photos, which is
   what makes the test resolution matter (FixRes). Deterministic: every image is drawn from its own RNG seeded by
   (seed, split, class, index); train/ and val/.
+
+`demo_data.labeled` < 1 makes either semi-supervised: that share of each class's training images stays in train/,
+the rest move to unlabeled/ under names that do not tell their class (Noisy Student's teacher labels them).
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +121,9 @@ def run(cfg: DemoDataConfig, out: Path) -> DemoData:
     """Write OUT/<split>/<class>/<index>.jpg."""
     with io.atomic_dir(out) as tmp:
         counts = write_digits(cfg, tmp) if cfg.dataset == "digits" else write_shapes(cfg, tmp)
+        if cfg.labeled < 1:
+            counts["unlabeled"] = unlabel(tmp, cfg.labeled, cfg.seed)
+            counts["train"] -= counts["unlabeled"]
     return DemoData(out=Path(out), counts=counts)
 
 
@@ -149,3 +157,18 @@ def write_digits(cfg: DemoDataConfig, root: Path) -> dict[str, int]:
         img.save(folder / f"{i:05d}.jpg", quality=95)
         counts[split] += 1
     return counts
+
+
+def unlabel(root: Path, labeled: float, seed: int) -> int:
+    """Move all but a LABELED share (at least one) of each ROOT/train/<class>/ to ROOT/unlabeled/, drawn with a
+    seeded shuffle, each renamed to a hash of its old path; returns how many moved."""
+    (root / "unlabeled").mkdir()
+    moved = 0
+    for folder in sorted(p for p in (root / "train").iterdir() if p.is_dir()):
+        files = sorted(folder.iterdir())
+        random.Random(f"{seed}:{folder.name}").shuffle(files)
+        for path in files[max(1, round(len(files) * labeled)):]:
+            name = hashlib.sha256(f"{seed}/{folder.name}/{path.name}".encode()).hexdigest()[:16]
+            path.rename(root / "unlabeled" / f"{name}{path.suffix}")
+            moved += 1
+    return moved

@@ -3,7 +3,9 @@ manifest.json and rejects.json, in a local folder or at any fsspec URL.
 
 Splits: train (required), val, test. A source without val gets a stratified, seeded hold-out of train
 (`shard.val_fraction`, recorded in the manifest); test, when there is one, is sharded for the honest figure
-(`evaluate` selects on val and reports test). Every class of val and test must be a class of train.
+(`evaluate` selects on val and reports test). Every class of val and test must be a class of train. Images
+without a class (a teacher labels them for Noisy Student) go to `unlabeled` shards: ROOT/unlabeled/ at any depth,
+or table rows `path,,unlabeled`; their samples have no `cls`.
 
 Every source file is checked in a worker process (`prepare`): valid RGB JPEGs are stored byte for byte; other
 decodable images (PNG/WebP/GIF under any name, CMYK, greyscale, 16-bit, EXIF-rotated) become RGB JPEGs; the rest
@@ -38,7 +40,7 @@ from pydantic import BaseModel
 from effnet import console, io
 from effnet.config import ShardConfig
 from effnet.data.images import to_rgb
-from effnet.data.manifest import MANIFEST, REJECTS, SPLITS, location
+from effnet.data.manifest import MANIFEST, REJECTS, SPLITS, UNLABELED, location
 from effnet.errors import EffnetError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -47,12 +49,12 @@ ORIENTATION = 0x0112  # EXIF tag
 
 # ---- listing the source -------------------------------------------------------------------------------------
 
-Listing = tuple[list[str], dict[str, list[tuple[Path, int]]]]  # class names, (path, label) per split
+Listing = tuple[list[str], dict[str, list[tuple[Path, int | None]]]]  # class names, (path, label) per split
 
 
 def list_images(root: Path) -> Listing:
     """Class names (sorted folder names of the train split) and (path, label) per split present (train/ required;
-    val/ and test/ optional)."""
+    val/, test/ and unlabeled/ optional; unlabeled/ holds images at any depth, label None)."""
     root = Path(root)
     if not root.is_dir():
         raise EffnetError(f"data folder not found: {root}")
@@ -70,20 +72,29 @@ def list_images(root: Path) -> Listing:
                 raise EffnetError(f"class '{folder.name}' of {root / split} is not a class of {root / 'train'}")
             files[split] += [(p, index[folder.name]) for p in sorted(folder.iterdir())
                              if p.suffix.lower() in IMAGE_SUFFIXES]
+    if (root / UNLABELED).is_dir():
+        files[UNLABELED] = [(p, None) for p in sorted((root / UNLABELED).rglob("*"))
+                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     return classes, files
 
 
 def list_table(table: Path) -> Listing:
-    """A CSV/TSV of `path,label[,split]` (optional header; paths relative to the table's folder; no split: train).
-    The classes are the train rows' labels."""
+    """A CSV/TSV of `path,label[,split]` (optional header; paths relative to the table's folder; no split: train;
+    `path,,unlabeled` for an image without a class). The classes are the train rows' labels."""
     table = Path(table)
     with table.open(newline="") as f:
         rows = [r for r in csv.reader(f, delimiter="\t" if table.suffix.lower() == ".tsv" else ",") if r]
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
-    bad = next((i for i, r in enumerate(rows) if len(r) not in (2, 3) or (len(r) == 3 and r[2] not in SPLITS)), None)
+
+    def valid(r: list[str]) -> bool:  # a label exactly when the row is not an unlabeled one
+        split = r[2] if len(r) == 3 else "train"
+        return len(r) in (2, 3) and split in (*SPLITS, UNLABELED) and bool(r[1]) == (split != UNLABELED)
+
+    bad = next((i for i, r in enumerate(rows) if not valid(r)), None)
     if bad is not None:
-        raise EffnetError(f"{table}: row {bad + 1}: expected path,label[,{'|'.join(SPLITS)}], got {rows[bad]}")
+        raise EffnetError(f"{table}: row {bad + 1}: expected path,label[,{'|'.join(SPLITS)}] or path,,{UNLABELED}, "
+                          f"got {rows[bad]}")
     if not rows:
         raise EffnetError(f"{table}: no rows")
     split_of = [r[2] if len(r) == 3 else "train" for r in rows]
@@ -91,6 +102,9 @@ def list_table(table: Path) -> Listing:
     index = {c: i for i, c in enumerate(classes)}
     files = {}
     for r, split in sorted(zip(rows, split_of)):
+        if split == UNLABELED:
+            files.setdefault(split, []).append((table.parent / r[0], None))
+            continue
         if r[1] not in index:
             raise EffnetError(f"{table}: class '{r[1]}' of the {split} split is not a class of the train split")
         files.setdefault(split, []).append((table.parent / r[0], index[r[1]]))
@@ -246,7 +260,7 @@ def run(cfg: ShardConfig, src: Path, out: str | Path) -> ShardResult:
     classes, files, held_out = list_source(src, cfg.val_fraction, cfg.seed)
     fs, root = fsspec.core.url_to_fs(str(out))
     fs.makedirs(root, exist_ok=True)
-    jobs = {s: random.Random(cfg.seed).sample(files[s], len(files[s])) for s in SPLITS if s in files}
+    jobs = {s: random.Random(cfg.seed).sample(files[s], len(files[s])) for s in (*SPLITS, UNLABELED) if s in files}
     try:
         splits, digests, rejects = write_shards(cfg, jobs, fs, root, base=src.parent if src.is_file() else src)
     except OSError as e:  # a full disk, a quota, a store gone: what was there stays, what this run wrote goes
@@ -265,7 +279,7 @@ def run(cfg: ShardConfig, src: Path, out: str | Path) -> ShardResult:
     if len(rejects) > allowed:
         raise EffnetError(f"{len(rejects)} of {n_in} images rejected ({len(rejects) / max(n_in, 1):.2%}), over "
                           f"shard.max_bad_fraction {cfg.max_bad_fraction:.2%}; reasons in {location(out, REJECTS)}")
-    fingerprint = hashlib.sha256("\n".join(f"{k}\0{v}" for k, v in sorted(digests.items())).encode()).hexdigest()
+    fingerprint = fingerprint_of(digests)
     manifest = {"source": str(src), "fingerprint": fingerprint, "classes": classes,
                 "options": cfg.model_dump(exclude={"workers"}), "splits": splits,
                 "val_held_out": held_out,
@@ -277,33 +291,41 @@ def run(cfg: ShardConfig, src: Path, out: str | Path) -> ShardResult:
                        rejects=rejects, fingerprint=fingerprint)
 
 
-def write_shards(cfg: ShardConfig, jobs: dict[str, list[tuple[Path, int]]], fs, root: str, base: Path
+def write_shards(cfg: ShardConfig, jobs: dict[str, list[tuple[Path, int | None]]], fs, root: str, base: Path
                  ) -> tuple[dict, dict[str, str], list[dict]]:
     """Check and write every split's files (in worker processes, results in order); returns the manifest's
-    `splits`, each source file's `label:sha256` by its path relative to BASE, and the rejects (sorted)."""
+    `splits` (each with the fingerprint of its own files), each source file's `label:sha256` by its path relative
+    to BASE (no label: `:sha256`), and the rejects (sorted)."""
     digests, rejects, splits = {}, [], {}
     workers = cfg.workers or os.cpu_count() or 1
     with _pool(workers) as pool, console.progress("shard") as bar:
         task = bar.add_task("shard", total=sum(len(j) for j in jobs.values()))
         for split, todo in jobs.items():
-            sink, count = Shards(fs, root, split, cfg.samples_per_shard, cfg.shard_bytes), 0
+            sink, count, mine = Shards(fs, root, split, cfg.samples_per_shard, cfg.shard_bytes), 0, {}
             results = pool.imap(partial(_work, cfg=cfg), [str(p) for p, _ in todo], chunksize=8)
             try:
                 for (path, label), (digest, jpeg, reason) in zip(todo, results):
                     rel = os.path.relpath(path, base).replace(os.sep, "/")
-                    digests[rel] = f"{label}:{digest}"
+                    digests[rel] = mine[rel] = f"{'' if label is None else label}:{digest}"
                     if jpeg is None:
                         rejects.append({"path": rel, "reason": reason})
                     else:
-                        sink.write({"__key__": f"{count:09d}", "jpg": jpeg, "cls": label})
+                        sample = {"__key__": f"{count:09d}", "jpg": jpeg}
+                        sink.write(sample if label is None else {**sample, "cls": label})
                         count += 1
                     bar.advance(task)
                 sink.close()
             except OSError:
                 sink.abort()
                 raise
-            splits[split] = {"shards": sink.done, "total": count, "rejected": len(todo) - count}
+            splits[split] = {"shards": sink.done, "total": count, "rejected": len(todo) - count,
+                             "fingerprint": fingerprint_of(mine)}
     return splits, digests, sorted(rejects, key=lambda r: r["path"])
+
+
+def fingerprint_of(digests: dict[str, str]) -> str:
+    """One sha256 over source files' `label:sha256` by path: the same files with the same labels, the same value."""
+    return hashlib.sha256("\n".join(f"{k}\0{v}" for k, v in sorted(digests.items())).encode()).hexdigest()
 
 
 def _remove_stale(fs, root: str, keep: set[str]) -> None:
