@@ -84,11 +84,13 @@ class Classifier(pl.LightningModule):
     mixed soft targets are trained against with timm's SoftTargetCrossEntropy (the smoothing is in the targets).
     With `channels_last`, the model (and so its EMA copy) is converted to NHWC; with `compile`, its forward is
     torch.compile'd in place (state_dict keys unchanged), after the EMA has copied it. `speed_settings` gives both
-    from the train config."""
+    from the train config. With `soft_targets`, the training batches' targets are class vectors (a Noisy Student's
+    mixed stream), trained against with SoftTargetCrossEntropy."""
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: dict, schedule: dict | None,
                  label_smoothing: float, trainable: list[str] | None = None, ema_decay: float | None = None,
-                 compile: bool = False, channels_last: bool = False, regularise: Regularise | None = None):
+                 compile: bool = False, channels_last: bool = False, regularise: Regularise | None = None,
+                 soft_targets: bool = False):
         super().__init__()
         if channels_last:
             model.to(memory_format=torch.channels_last)  # in place
@@ -101,7 +103,8 @@ class Classifier(pl.LightningModule):
             model.compile(dynamic=False)
         self.regularise = regularise
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_loss = SoftTargetCrossEntropy() if regularise is not None and regularise.mixes else self.loss
+        soft = soft_targets or (regularise is not None and regularise.mixes)
+        self.train_loss = SoftTargetCrossEntropy() if soft else self.loss
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_images = SumMetric()  # across ranks: each val image is counted once
@@ -136,7 +139,7 @@ class Classifier(pl.LightningModule):
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self.check_finite()
-        self.train_top1(logits, y)
+        self.train_top1(logits, y.argmax(1) if y.ndim == 2 else y)  # soft targets (a student's): their top class
         self.epoch_loss.update(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=False)

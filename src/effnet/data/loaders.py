@@ -109,6 +109,7 @@ def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int
                 ) -> wds.WebLoader:
     """Batches of (images, labels, keys) of SPLIT (only the samples whose key KEEP accepts, when given); with
     transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`). Workers run at a lower priority by NICE.
+    The unlabeled split's samples have no class: their labels are -1.
 
     Under torch.distributed every sample goes to exactly one rank: whole shards per rank when there are at least
     as many shards as ranks; otherwise every rank reads all shards and keeps every world_size-th sample (so no
@@ -122,7 +123,8 @@ def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int
         ds = ds.slice(rank, None, world)
     if keep is not None:
         ds = ds.select(lambda sample: keep(sample["__key__"]))
-    ds = ds.to_tuple("jpg", "cls", "__key__")
+    ds = (ds.to_tuple("jpg", "cls", "__key__") if split != manifest.UNLABELED
+          else ds.to_tuple("jpg", "__key__").map(lambda sample: (sample[0], -1, sample[1])))
     if transform is None:
         ds = ds.map_tuple(bytes, int, str).batched(batch_size, collation_fn=collate_jpeg, partial=True)
     else:
