@@ -247,3 +247,21 @@ def test_students_get_their_own_dvc_stages_after_their_teacher_and_the_flow_orde
                   "pseudolabel@s2", "fixres-student@s2", "evaluate-student@s2"):
         assert stage in out.stdout
     assert yaml.safe_load((REPO / "params.yaml").read_text())["students"] == {}  # the demo: no student by default
+
+
+def test_a_student_trains_under_ddp_with_equal_steps_on_both_ranks(ns, tmp_path):
+    """`effnet train` of the student on 2 CPU processes (gloo): each rank's mixed stream runs the same steps, one
+    MLflow run, one bundle with its provenance."""
+    ws = ns["ws"]
+    sets = ["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp", "train.epochs=1"]
+    out = subprocess.run([sys.executable, "-m", "effnet", "train", str(ns["shards"]), str(tmp_path / "trained"),
+                          "--variant", "tiny_ns", "--pseudo", str(ws / "pseudo/tiny_ns"), "--params",
+                          str(ws / "params.yaml"), *[a for s in sets for a in ("--set", s)]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    targets = mixed_stream.read_table(ns["labels"].table, read_manifest(ns["shards"])["classes"])
+    steps = len(mixed_stream.mixed_loader(ns["shards"], targets, 1.0, 0.1, None, 16, 0, 64, world_size=2, rank=0))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("effnet").experiment_id])
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) + 1 == steps
+    assert json.loads((tmp_path / "trained/noisy_student.json").read_text())["teacher"] == "tiny"
