@@ -262,6 +262,7 @@ def test_a_student_trains_under_ddp_with_equal_steps_on_both_ranks(ns, tmp_path)
     targets = mixed_stream.read_table(ns["labels"].table, read_manifest(ns["shards"])["classes"])
     steps = len(mixed_stream.mixed_loader(ns["shards"], targets, 1.0, 0.1, None, 16, 0, 64, world_size=2, rank=0))
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("effnet").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("effnet").experiment_id],
+                               "tags.mlflow.runName = 'train@tiny_ns'")  # one, from rank 0 (beside the pipeline's)
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) + 1 == steps
     assert json.loads((tmp_path / "trained/noisy_student.json").read_text())["teacher"] == "tiny"

@@ -64,7 +64,12 @@ def curves_png(rows: list[dict], title: str, path: Path) -> None:
     loss.set(xlabel="epoch", ylabel="mean training loss")
     top1.plot(epochs, [r["val_top1"] for r in rows], marker=".")
     top1.set(xlabel="epoch", ylabel="val top-1 (%)")
-    for ax in (loss, top1):
+    _side_by_side(plt, fig, (loss, top1), title, path)
+
+
+def _side_by_side(plt, fig, axes, title: str, path: Path) -> None:
+    """Panels gridded under one title, saved to PATH and closed."""
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -89,9 +94,4 @@ def pseudolabel_png(classes: list[str], before: list[int], after: list[int], con
     conf.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}")
     conf.set(xlabel="teacher's confidence (top class probability)", ylabel="unlabeled images")
     conf.legend()
-    for ax in (hist, conf):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _side_by_side(plt, fig, (hist, conf), title, path)

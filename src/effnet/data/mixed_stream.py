@@ -14,25 +14,22 @@ rest), so DDP ranks run the same steps.
 from __future__ import annotations
 
 import itertools
-import logging
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
 
 from effnet.data import manifest
 from effnet.data.manifest import UNLABELED
 from effnet.data.datamodule import ShardDataModule
 from effnet.data.held_splits import HeldShards
-from effnet.data.loaders import PREFETCH, TrainLoader, _lower_priority, epoch_steps
+from effnet.data.loaders import TrainLoader, epoch_steps, epochs, resumable
 from effnet.data.reading import LOST, decode, read_shard, say_once, shard_sizes, shard_urls
 from effnet.data.train_stream import Position, StreamState, TrainStream, _resampled
 from effnet.errors import EffnetError
 
-log = logging.getLogger(__name__)
 Targets = dict[str, tuple[np.ndarray, int]]  # sample key -> (class probabilities, copies per pass)
 PROB_PREFIX = "p:"  # the pseudo-label table's column of each class's probability is "p:<class>"
 
@@ -172,22 +169,12 @@ def mixed_loader(shards: str | Path, targets: Targets, ratio: float, smoothing: 
     passes = max(round(total * (1 - holdout)) * batch_size / labeled,
                  sum(copies for _, copies in targets.values()) * batch_size / (batch_size - labeled))
     steps = epoch_steps(round(passes), batch_size, world_size, accumulate)
-    workers = min(num_workers, steps)
-    if rank is None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if resume is not None and (resume.steps, resume.workers) != (steps, workers):
-        log.warning("the checkpoint's stream had %d batches per epoch over %d workers, this one %d over %d: it starts "
-                    "afresh, not where the checkpoint was", resume.steps, resume.workers, steps, workers)
-        resume = None
+    workers, rank, resume = resumable(steps, num_workers, rank, resume)
     held = HeldShards(total, hold_mb / max(1, workers)) if hold_mb else None
     stream = MixedStream(shard_urls(shards, "train"), shard_urls(shards, UNLABELED), targets, labeled,
                          len(found["classes"]), smoothing, transform, batch_size, shuffle_buffer, seed, rank, steps,
                          draft, resume, holdout, held, shard_sizes(shards, "train"), shard_sizes(shards, UNLABELED))
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=pin_memory, prefetch_factor=PREFETCH if workers else None,
-                                         worker_init_fn=_lower_priority(nice))
-    state = StreamState(steps, workers) if resume is None else StreamState.from_dict(resume.to_dict())
-    return TrainLoader(loader, state)
+    return epochs(stream, steps, workers, resume, pin_memory, nice)
 
 
 class MixedDataModule(ShardDataModule):
