@@ -266,3 +266,29 @@ def test_a_student_trains_under_ddp_with_equal_steps_on_both_ranks(ns, tmp_path)
                                "tags.mlflow.runName = 'train@tiny_ns'")  # one, from rank 0 (beside the pipeline's)
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) + 1 == steps
     assert json.loads((tmp_path / "trained/noisy_student.json").read_text())["teacher"] == "tiny"
+
+
+@pytest.mark.slow
+def test_the_flow_runs_a_student_after_its_teacher_and_leaves_dvc_clean(tmp_path_factory):
+    """`python flows/pipeline.py` (as `make demo`) with a student in params: its stages run after its teacher's,
+    through `dvc repro`, and afterwards `dvc status` is clean."""
+    import os
+
+    from tests.conftest import git_workspace
+    repo = git_workspace(tmp_path_factory.mktemp("ns-flow"), STUDENT)
+    environ = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home"))}
+    environ.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "flows/pipeline.py"], cwd=repo, env=environ, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert set(json.loads(proc.stdout)) == {"tiny", "tiny_ns"}
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("effnet").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    order = [r.info.run_name for r in runs]
+    assert order.index("register@tiny") < order.index("pseudolabel@tiny_ns") < order.index("train@tiny_ns")
+    assert order.index("train@tiny_ns") < order.index("register@tiny_ns")
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True,
+                            text=True)
+    assert json.loads(status.stdout) == {}, status.stdout
+    assert client.get_model_version("tiny_ns", "1").tags["noisy_student.teacher_model"] == "tiny/1"
