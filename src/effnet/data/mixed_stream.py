@@ -24,6 +24,7 @@ import webdataset as wds
 from effnet.data import manifest
 from effnet.data.manifest import UNLABELED
 from effnet.data.datamodule import ShardDataModule
+from effnet.data.gpu import collate_jpeg
 from effnet.data.held_splits import HeldShards
 from effnet.data.loaders import TrainLoader, epoch_steps, epochs, resumable
 from effnet.data.reading import LOST, decode, read_shard, say_once, shard_sizes, shard_urls
@@ -147,9 +148,8 @@ class MixedStream(TrainStream):
     def _collate(self, samples: list[tuple]):
         images, targets = zip(*samples)
         targets = torch.from_numpy(np.stack(targets))
-        if self.transform is None:
-            sizes = torch.tensor([len(b) for b in images], dtype=torch.int64)
-            return [(torch.frombuffer(bytearray(b"".join(images)), dtype=torch.uint8), sizes), targets]
+        if self.transform is None:  # JPEG bytes for a device decoder, packed as the training stream packs them
+            return [collate_jpeg([(jpg, 0) for jpg in images])[0], targets]
         return [torch.stack(images), targets]
 
 
