@@ -53,6 +53,12 @@ def run_dataset(dataset: str, args, root: Path) -> list[dict]:
         epochs = args.teacher_epochs if key == "teacher" else args.epochs
         p = params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
         pseudo, info = None, {}
+        if key == "teacher" and args.keep_teacher and (ws / "models/teacher/registered.json").is_file():
+            metrics = json.loads((ws / "metrics/teacher.json").read_text())["selected"]
+            rows.append({"model": key, "iteration": 0, "epochs": epochs, "steps": None, "kept": True,
+                         "val_top1": metrics["val_top1"], "test_top1": metrics.get("test_top1"),
+                         "pseudo_kept": None, "pseudo_samples": None})
+            continue
         if key in p.students:
             teacher = p.students[key].teacher
             pseudo = ws / "pseudo" / key
@@ -73,7 +79,7 @@ def run_dataset(dataset: str, args, root: Path) -> list[dict]:
     print(f"{'model':10} {'iter':>4} {'epochs':>6} {'steps':>6} {'val top-1':>10} {'test top-1':>11} {'pseudo':>7}")
     for r in rows:
         test = "-" if r["test_top1"] is None else f"{r['test_top1']:.2f}"
-        print(f"{r['model']:10} {r['iteration']:4} {r['epochs']:6} {r['steps']:6} {r['val_top1']:10.2f} {test:>11} "
+        print(f"{r['model']:10} {r['iteration']:4} {r['epochs']:6} {r['steps'] or '-':>6} {r['val_top1']:10.2f} {test:>11} "
               f"{r['pseudo_kept'] or '-':>7}")
     return rows
 
@@ -89,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=3.0)
     ap.add_argument("--threshold", type=float, default=0.3)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="more overrides")
+    ap.add_argument("--keep-teacher", action="store_true",
+                    help="with --workdir: a teacher trained there before is kept (the students are trained again)")
     ap.add_argument("--workdir", type=Path, help="keep the workspaces here (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/noisy_student.json")
     ap.add_argument("--dry-run", action="store_true", help="digits, one epoch each: the bench's own logic")

@@ -318,8 +318,8 @@ class StudentConfig(Section):
     students, whose unlabeled set is 300x the labeled one)."""
     auto_augment: str | None = Field(default="rand-n2-m27-mmax27",
                                      pattern=r"^(original|originalr|v0|v0r|3a)$|^(rand|augmix)(-[a-z]+[0-9.]*)*$")
-    """The student's input noise, a timm policy string: the paper's RandAugment, 2 ops at magnitude 27 (of 30,
-    timm's scale lifted to it with mmax27); null: train.auto_augment."""
+    """The student's input noise, a timm policy string: the paper's RandAugment, 2 ops at magnitude 27 (mmax27
+    lets 27 through timm's clamp at 10, the top of its scale); null: train.auto_augment."""
     drop_rate: float | None = Field(default=0.5, ge=0, lt=1)
     """Dropout before the classifier (the paper's 0.5); null: train.drop_rate."""
     drop_path_rate: float | None = Field(default=0.2, ge=0, lt=1)
