@@ -14,7 +14,7 @@ DOCS_PORT ?= 8000
 PORT ?= 5001
 HOST ?= 127.0.0.1
 
-.PHONY: install demo ui docs docs-gen serve serve-model test test-all test-xla zoo lock lock-xla clean
+.PHONY: install install-xla demo ui docs docs-gen serve serve-model test test-all test-xla zoo lock lock-xla clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,8 @@ $(VENV_XLA)/.installed: pyproject.toml requirements-xla.lock
 	$(PY_XLA) -m pip install -q uv==$(UV_VERSION)
 	$(VENV_XLA)/bin/uv pip install -q --python $(PY_XLA) --no-deps -r requirements-xla.lock -e .
 	touch $@
+
+install-xla: $(VENV_XLA)/.installed  ## the XLA (TPU) environment in .venv-xla, from requirements-xla.lock (docs: TPU)
 
 # The run's figures beside the committed ones (HEAD) and the change: on another machine the last digits move (docs:
 # Reproduce and schedule). Outside a git checkout there is nothing to compare with: the figures alone.
@@ -79,7 +81,7 @@ test-all: install  ## including the `slow` tests
 
 # torch_xla's CPU device (PJRT_DEVICE=CPU) runs the XLA path here: lazy tensors, graph compilation, Lightning's XLA
 # strategy (docs: TPU). The tests pretend one TPU to Lightning; the product itself never does.
-test-xla: $(VENV_XLA)/.installed  ## the XLA tests (marker `xla`) in .venv-xla, from requirements-xla.lock
+test-xla: install-xla  ## the XLA tests (marker `xla`) in .venv-xla, from requirements-xla.lock
 	PATH=$(CURDIR)/$(VENV_XLA)/bin:$$PATH PJRT_DEVICE=CPU $(PY_XLA) -m pytest -m xla tests/test_xla.py
 
 zoo: install  ## all 13 card variants through the whole DAG on tiny data (slow); prints its time and peak memory
@@ -95,7 +97,7 @@ lock-xla:  ## re-resolve requirements-xla.lock: requirements-xla.in over pyproje
 	  requirements.lock > $(VENV)/main-lock-without-torch.txt
 	$(VENV)/bin/uv pip compile pyproject.toml requirements-xla.in --override requirements-xla.in \
 	  --constraint $(VENV)/main-lock-without-torch.txt --extra test --python-version 3.11 \
-	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock-xla" -o requirements-xla.lock
+	  --python-platform x86_64-manylinux_2_31 --custom-compile-command "make lock-xla" -o requirements-xla.lock
 
 clean:
 	rm -rf data models metrics mlflow.db mlartifacts .prefect .lightning
