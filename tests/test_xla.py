@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.xla, pytest.mark.usefixtures("xla_as_tpu")]
 # Real images: scikit-learn's digit scans of 0 and 1 at 32 px, 160 for training (10 % held out) in batches of 8: 20
 # steps an epoch, 2 epochs at a constant LR; the loss read on the host every 4 steps; a checkpoint every 3 steps and
 # at each epoch end; one loader worker, which owns the augmentations' RNG (as in the CPU resume tests). Precision:
-# the TPU's default (bf16-true). Once compiled, a step takes ~0.5 s.
+# the TPU's default (bf16-true).
 EPOCHS, LOG_EVERY = 2, 4
 XLA_OVERRIDES = {"demo_data": {"dataset": "digits", "classes": 2, "image_size": 32},
                  "data": {"num_workers": 1},
@@ -151,8 +151,8 @@ def test_the_train_stage_runs_through_lightnings_xla_strategy_and_compiles_each_
 
 def test_the_exported_bundle_predicts_on_the_cpu_what_it_predicts_on_xla(whole, digit_shards):
     """The bundle the XLA run wrote loads on the CPU, without torch_xla's help: its logits for the val images match
-    its logits on the XLA device (bf16 there, fp32 on the CPU) to within bf16's precision, and so its top-1
-    classes, but for near-ties."""
+    its logits on the XLA device to within bf16's precision (the process may still compute in bf16 there: torch_xla
+    may keep the XLA_USE_BF16 that bf16-true set), and so its top-1 classes, but for near-ties."""
     result, _, _ = whole
     model, spec = models.load_bundle(result.bundle)
     assert models.weights_hash(model) == result.weights
@@ -172,7 +172,8 @@ def test_a_run_stopped_by_sigterm_and_resumed_on_xla_exports_the_same_weights(wh
                                                                               tmp_path):
     """SIGTERM mid-epoch: the checkpoint (written from the XLA device to the host) is saved at the next step and the
     run stops; run again, it resumes there (weights, EMA, optimizer, the stream, the XLA device's RNG) and exports the
-    uninterrupted run's weights bit for bit. Both runs reuse the first run's compiled graphs."""
+    uninterrupted run's weights bit for bit. Both runs reuse the first run's compiled graphs but for the few a resume
+    traces anew (restored state enters the first steps' graphs as data): 6 of them on 2026-12-03."""
     result, _, _ = whole
     before = compiles()
     with pytest.raises(Preempted, match="stopped by SIGTERM at step 5"):
@@ -183,4 +184,4 @@ def test_a_run_stopped_by_sigterm_and_resumed_on_xla_exports_the_same_weights(wh
     resumed = train_in(tmp_path, xla_params, digit_shards)
     assert resumed.steps == result.steps and resumed.run_id is not None
     print(f"XLA graph compilations of the stopped and the resumed run together: {compiles() - before}")
-    assert resumed.weights == result.weights
+    assert resumed.weights == result.weights and compiles() - before <= 12
