@@ -146,11 +146,12 @@ def params_reference(root: Path) -> str:
     parts = []
     for section, field in config.Params.model_fields.items():
         parts.append(f"## {section}\n\n{_cell(field.description)}\n")
-        if section == "variants":
-            keys = ", ".join(f"`{k}`" for k in given.get("variants", {}))
-            parts.append(f"Each entry is `variants.<key>: {{model: ...}}` or `{{phi: ...}}`; params.yaml has "
-                         f"{keys}.\n")
-            rows = _section_rows("variants.<key>", config.VariantSpec, {})
+        if section in ("variants", "students"):
+            keys = ", ".join(f"`{k}`" for k in given.get(section) or {}) or "none"
+            parts.append(f"Each entry is `{section}.<key>: {{model: ...}}` or `{{phi: ...}}`"
+                         + (", with `teacher: <variant key>`" if section == "students" else "")
+                         + f"; params.yaml has {keys}.\n")
+            rows = _section_rows(f"{section}.<key>", config.VariantSpec, {})
         else:
             rows = _section_rows(section, field.annotation, given.get(section) or {})
         parts.append(_table(headers, rows) + "\n")

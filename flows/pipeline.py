@@ -41,6 +41,22 @@ from effnet.errors import EffnetError
 
 SHARED_STAGES = ["demo-data", "shard"]
 VARIANT_STAGES = ["train", "fixres", "evaluate", "register"]
+STUDENT_STAGES = ["pseudolabel", "train-student", "fixres-student", "evaluate-student", "register-student"]
+
+
+def in_order(params: config.Params, keys: list[str]) -> list[str]:
+    """KEYS with every teacher they need first (a Noisy Student chain runs teacher, student 1, student 2...)."""
+    out: list[str] = []
+    for key in keys:
+        for k in reversed([key, *params.teachers(key)]):
+            if k not in out:
+                out.append(k)
+    return out
+
+
+def stages_of(params: config.Params, key: str) -> list[str]:
+    """The dvc.yaml stages of model KEY, in order: a variant's, or a student's (pseudolabel first)."""
+    return [f"{stage}@{key}" for stage in (STUDENT_STAGES if key in params.students else VARIANT_STAGES)]
 
 
 LAUNCHER_ENV = "EFFNET_LAUNCHER"  # read by `effnet train` (effnet.cli)
@@ -172,18 +188,19 @@ WORKSPACE_LOCK = ".effnet/flow.lock"  # held by a flow run (and the stage it run
 @flow(name="effnet-pipeline")
 def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides: list[str] | None = None,
              launcher: str | None = None) -> dict:
-    """Shard the data, then train, FixRes-tune, evaluate and register each variant; returns the metrics.
+    """Shard the data, then train, FixRes-tune, evaluate and register each variant; returns the metrics. A student
+    (Noisy Student) runs after its teacher: pseudolabel, then its own train, fixres, evaluate and register.
 
-    variants: keys of `variants:` in params.yaml (default: all). overrides: `section.key=value` written into
+    variants: keys of `variants:` or `students:` in params.yaml (default: all; a student brings its teachers). overrides: `section.key=value` written into
     params.yaml first (e.g. `train.epochs=3`). launcher: a command prefix the train stage runs through, on many
     nodes (`srun ...`; set train.num_nodes and train.devices to match), waited for."""
     env.configure()
     log = get_run_logger()
     params_file = Path(workspace) / "params.yaml"
     params = config.load(params_file, overrides or [])  # bad override or params: fail before any work
-    keys = variants or list(params.variants)
-    for key in keys:
+    for key in variants or []:
         params.variant(key)  # unknown variant: fail before any work
+    keys = in_order(params, variants or list(params.models))
     tracking.check()  # the stages' MLflow store, down or malformed: one line now, not at the first stage that logs
     lock_file = Path(workspace) / WORKSPACE_LOCK
     with io.exclusive(lock_file, lambda: log.info("waiting for the workspace: another flow run holds %s", lock_file)
@@ -192,8 +209,9 @@ def pipeline(workspace: str = ".", variants: list[str] | None = None, overrides:
         for stage in SHARED_STAGES:
             repro(stage, workspace, lock=lock)
         for key in keys:
-            for stage in VARIANT_STAGES:
-                repro(f"{stage}@{key}", workspace, launcher if stage == "train" else None, lock=lock)
+            for target in stages_of(params, key):
+                train = target.partition("@")[0] in ("train", "train-student")
+                repro(target, workspace, launcher if train else None, lock=lock)
     return {key: json.loads((Path(workspace) / "metrics" / f"{key}.json").read_text()) for key in keys}
 
 

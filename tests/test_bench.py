@@ -77,3 +77,18 @@ def test_cpu_bench_runs_every_row_and_writes_its_figures(tmp_path):
     by = {row["what"]: row for row in figures["rows"]}
     assert by["effnet train (steady state)"]["first_step_s"] > 0 and "loader alone (decode + augment, 1 process)" in by
     assert len(by[by["effnet train (steady state)"]["ref"]]["rounds"]) == 1  # the dry run's one round
+
+
+@pytest.mark.slow
+def test_the_noisy_student_benches_run_and_write_their_figures(tmp_path):
+    """bench/pseudolabel_bench.py and bench/noisy_student.py --dry-run: the ratio against model-only inference, and
+    teacher -> student 1 -> student 2 on digits, each figure with its provenance."""
+    for bench in ("pseudolabel_bench", "noisy_student"):
+        out = tmp_path / f"{bench}.json"
+        subprocess.run([sys.executable, str(BENCH / f"{bench}.py"), "--dry-run", "--out", str(out)], check=True,
+                       timeout=900, capture_output=True)
+        figures = json.loads(out.read_text())
+        assert {"date", "machine", "command"} <= set(figures)
+    assert 0 < json.loads((tmp_path / "pseudolabel_bench.json").read_text())["cpu_bound"] <= 1
+    rows = figures["results"]["digits"]
+    assert [r["model"] for r in rows] == ["teacher", "student1", "student2"] and rows[2]["iteration"] == 2

@@ -31,7 +31,7 @@ def _common(p: argparse.ArgumentParser, variant: bool = False) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one param (repeatable), e.g. --set train.epochs=3")
     if variant:
-        p.add_argument("--variant", required=True, help="a key of `variants:` in params")
+        p.add_argument("--variant", required=True, help="a key of `variants:` (or `students:`) in params")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,6 +49,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("shards", help="shards folder or fsspec URL")
     p.add_argument("out", type=Path, help="model bundle folder to write")
     p.add_argument("--curves", type=Path, help="also write the per-epoch training curves (JSON rows for dvc plots)")
+    p.add_argument("--pseudo", type=Path, help="a student's pseudo-labels: `effnet pseudolabel`'s output folder")
+    _common(p, variant=True)
+    p = sub.add_parser("pseudolabel", help="a student's teacher labels the unlabeled shards (Noisy Student)")
+    p.add_argument("shards", help="shards folder or fsspec URL (with an unlabeled split)")
+    p.add_argument("teacher", type=Path, help="the teacher's models folder (its bundles and registered.json)")
+    p.add_argument("metrics", type=Path, help="the teacher's evaluate metrics JSON (which model it published)")
+    p.add_argument("out", type=Path, help="the folder to write: labels.parquet and pseudolabel.json")
     _common(p, variant=True)
     p = sub.add_parser("fixres", help="FixRes fine-tune a trained bundle at a larger resolution")
     p.add_argument("shards", help="shards folder or fsspec URL")
@@ -134,7 +141,10 @@ def dispatch(args: argparse.Namespace) -> object:
         return shard.run(params.shard, args.src, args.out)
     if args.command == "train":
         from effnet.stages import train
-        return train.run(params, args.variant, args.shards, args.out, args.curves)
+        return train.run(params, args.variant, args.shards, args.out, args.curves, args.pseudo)
+    if args.command == "pseudolabel":
+        from effnet.stages import pseudolabel
+        return pseudolabel.run(params, args.variant, args.shards, args.teacher, args.metrics, args.out)
     if args.command == "fixres":
         from effnet.stages import fixres
         return fixres.run(params, args.variant, args.shards, args.trained, args.out)

@@ -31,6 +31,9 @@ class VariantSpec(Section):
     """A row of the model card (`effnet variants`), e.g. tf_efficientnet_b0. Give this or phi."""
     phi: float | None = Field(default=None, ge=-12, le=8)
     """Compound scaling of B0: width 1.1^phi, depth 1.2^phi, resolution 224 x 1.15^phi (0 is B0; -4 the demo's)."""
+    teacher: str | None = None
+    """Under `students:` only (Noisy Student): the variant key (of `variants:` or `students:`) whose published model
+    pseudo-labels the unlabeled shards this student also trains on; a student can be the next one's teacher."""
 
     @model_validator(mode="after")
     def _known(self) -> VariantSpec:
@@ -294,6 +297,36 @@ class ExportConfig(Section):
     """Images checked: the first of `effnet export --images`, else synthetic ones."""
 
 
+class PseudoLabelConfig(Section):
+    labels: Literal["soft", "hard"] = "soft"
+    """soft: the teacher's class probabilities (the paper found them best); hard: its top class, one-hot."""
+    threshold: float = Field(default=0.3, ge=0, lt=1)
+    """Images whose top class probability is below this are left out (the paper's 0.3, for ImageNet's 1000
+    classes)."""
+    balance: bool = True
+    """Per class (the teacher's top class), keep the per_class most confident images, and repeat images of a class
+    that has fewer, so that every class counts alike (the paper's balancing)."""
+    per_class: int | None = Field(default=None, ge=1)
+    """Images per class after balancing; null: the mean of the classes' counts after the threshold."""
+    batch_size: int = Field(default=128, ge=1)
+    """Images per forward pass of the teacher."""
+
+
+class StudentConfig(Section):
+    ratio: float = Field(default=3.0, gt=0)
+    """Pseudo-labeled (unlabeled) images per labeled image in every training batch of a student: of train.batch_size,
+    round(batch_size / (1 + ratio)) are labeled, at least one (the paper takes 14:1 and more for its large
+    students, whose unlabeled set is 300x the labeled one)."""
+    auto_augment: str | None = Field(default="rand-n2-m27-mmax27",
+                                     pattern=r"^(original|originalr|v0|v0r|3a)$|^(rand|augmix)(-[a-z]+[0-9.]*)*$")
+    """The student's input noise, a timm policy string: the paper's RandAugment, 2 ops at magnitude 27 (mmax27
+    lets 27 through timm's clamp at 10, the top of its scale); null: train.auto_augment."""
+    drop_rate: float | None = Field(default=0.5, ge=0, lt=1)
+    """Dropout before the classifier (the paper's 0.5); null: train.drop_rate."""
+    drop_path_rate: float | None = Field(default=0.2, ge=0, lt=1)
+    """Stochastic depth (the paper's survival probability 0.8 at the last block); null: train.drop_path_rate."""
+
+
 class MlflowConfig(Section):
     experiment: str = "effnet"
     """The MLflow experiment every stage's run goes to."""
@@ -304,6 +337,10 @@ class Params(Section):
 
     variants: dict[str, VariantSpec] = Field(min_length=1)
     """The models to build, by key: dvc.yaml makes train@<key>, fixres@<key>, ... for each."""
+    students: dict[str, VariantSpec] = {}
+    """Noisy Student variants, by key, each naming its teacher: dvc.yaml makes pseudolabel@<key>, then
+    train-student@<key>, fixres-student@<key>, evaluate-student@<key> and register-student@<key> (stages of their own:
+    a student's training depends on its teacher's pseudo-labels, which a plain variant's has no file for)."""
     demo_data: DemoDataConfig = DemoDataConfig()
     """`effnet demo-data`: the built-in datasets."""
     data: DataConfig = DataConfig()
@@ -320,15 +357,61 @@ class Params(Section):
     """`effnet register`: aliases and promotion."""
     predict: PredictConfig = PredictConfig()
     """`effnet predict`."""
+    pseudolabel: PseudoLabelConfig = PseudoLabelConfig()
+    """`effnet pseudolabel`: a teacher's labels for the unlabeled shards (Noisy Student)."""
+    student: StudentConfig = StudentConfig()
+    """How a student trains: the batch mix of labeled and pseudo-labeled images, and its noise."""
     export: ExportConfig = ExportConfig()
     """`effnet export`, and the ONNX file register stores with each version."""
     mlflow: MlflowConfig = MlflowConfig()
     """Where the runs go (the store: MLFLOW_TRACKING_URI, else mlflow.db in the workspace)."""
 
+    @property
+    def models(self) -> dict[str, VariantSpec]:
+        """Every model by key: the variants, then the students."""
+        return {**self.variants, **self.students}
+
     def variant(self, key: str) -> variants.Variant:
-        if key not in self.variants:
-            raise EffnetError(f"variants.{key}: not in params (known: {', '.join(self.variants)})")
-        return self.variants[key].resolve()
+        if key not in self.models:
+            raise EffnetError(f"variants.{key}: not in params (known: {', '.join(self.models)})")
+        return self.models[key].resolve()
+
+    def teachers(self, key: str) -> list[str]:
+        """KEY's teachers, nearest first (empty for a plain variant): the chain of iterations behind a student."""
+        chain = []
+        while (teacher := self.models[key].teacher) is not None:
+            chain.append(teacher)
+            key = teacher
+        return chain
+
+    def check_students(self) -> None:
+        """Each student names a teacher that is a variant key, the chain behind it ends at a plain variant (no loop),
+        and it is at least as large as its teacher (width, depth, resolution): else one line naming the key."""
+        for key, spec in self.variants.items():
+            if spec.teacher is not None:
+                raise EffnetError(f"variants.{key}.teacher: a student goes under students: (its training depends on "
+                                  "its teacher's pseudo-labels: stages of its own)")
+        for key in self.students:
+            if key in self.variants:
+                raise EffnetError(f"students.{key}: also a key of variants")
+        for key, spec in self.students.items():
+            if spec.teacher is None:
+                raise EffnetError(f"students.{key}.teacher: missing (the variant key whose model labels the "
+                                  "unlabeled images)")
+            seen = [key]
+            while (teacher := self.models[seen[-1]].teacher) is not None:
+                if teacher not in self.models:
+                    raise EffnetError(f"students.{seen[-1]}.teacher: {teacher!r} is not a variant key (known: "
+                                      f"{', '.join(self.models)})")
+                if teacher in seen:
+                    raise EffnetError(f"students.{key}.teacher: the chain loops ({' -> '.join([*seen, teacher])})")
+                seen.append(teacher)
+            student, teacher = spec.resolve(), self.models[spec.teacher].resolve()
+            smaller = [f"{k} {getattr(student, k):g} < {getattr(teacher, k):g}" for k in ("width", "depth", "img_size")
+                       if getattr(student, k) < getattr(teacher, k)]
+            if smaller:
+                raise EffnetError(f"students.{key}: smaller than its teacher {spec.teacher} ({', '.join(smaller)}): "
+                                  "a Noisy Student is equal to or larger than its teacher")
 
 
 def _override(raw: dict, assignment: str) -> None:
@@ -375,9 +458,14 @@ def load(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
     for assignment in overrides:
         _override(raw, assignment)
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as e:
         raise EffnetError(_one_line(e, str(path))) from None
+    try:
+        params.check_students()
+    except EffnetError as e:
+        raise EffnetError(f"{path}: {e}") from None
+    return params
 
 
 def load_section(name: str, path: str | Path = "params.yaml", overrides: list[str] = (),

@@ -47,11 +47,11 @@ def accuracy(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, bat
 def forward(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, batch_size: int, num_workers: int,
             feed: DeviceFeed | None = None, device: torch.device | str = "cpu", split: str = "val",
             keep: Callable[[str], bool] | None = None, max_batches: int | None = None,
-            bf16: bool | None = None, held: HeldSplit | None = None) -> Iterator[tuple]:
+            bf16: bool | None = None, held: HeldSplit | None = None, keys: bool = False) -> Iterator[tuple]:
     """(float32 logits, labels) of MODEL, in the mode the caller left it, over the first MAX_BATCHES batches of
     SPLIT with eval preprocessing PRE (see `accuracy`; from HELD when given and the feed takes decoded images); in
     the FEED's memory format; in bf16 autocast with BF16 (None: on CUDA, where it is 2x faster; on the CPU it is
-    not)."""
+    not). With KEYS, (logits, labels, sample keys)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     bf16 = cuda if bf16 is None else bf16
@@ -65,8 +65,8 @@ def forward(model: torch.nn.Module, pre: Preprocessing, shards: str | Path, batc
         threaded = num_workers == 0
     batches = DevicePrefetcher(loader, feed, False, device, threaded=threaded)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for x, y, _ in itertools.islice(batches, max_batches):
-            yield model(x).float(), y
+        for x, y, names in itertools.islice(batches, max_batches):
+            yield (model(x).float(), y, names) if keys else (model(x).float(), y)
 
 
 class ClassStats:

@@ -84,11 +84,13 @@ class Classifier(pl.LightningModule):
     mixed soft targets are trained against with timm's SoftTargetCrossEntropy (the smoothing is in the targets).
     With `channels_last`, the model (and so its EMA copy) is converted to NHWC; with `compile`, its forward is
     torch.compile'd in place (state_dict keys unchanged), after the EMA has copied it. `speed_settings` gives both
-    from the train config."""
+    from the train config. With `soft_targets`, the training batches' targets are class vectors (a Noisy Student's
+    mixed stream), trained against with SoftTargetCrossEntropy."""
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: dict, schedule: dict | None,
                  label_smoothing: float, trainable: list[str] | None = None, ema_decay: float | None = None,
-                 compile: bool = False, channels_last: bool = False, regularise: Regularise | None = None):
+                 compile: bool = False, channels_last: bool = False, regularise: Regularise | None = None,
+                 soft_targets: bool = False):
         super().__init__()
         if channels_last:
             model.to(memory_format=torch.channels_last)  # in place
@@ -101,7 +103,8 @@ class Classifier(pl.LightningModule):
             model.compile(dynamic=False)
         self.regularise = regularise
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_loss = SoftTargetCrossEntropy() if regularise is not None and regularise.mixes else self.loss
+        soft = soft_targets or (regularise is not None and regularise.mixes)
+        self.train_loss = SoftTargetCrossEntropy() if soft else self.loss
         # No host reads in the training step (a GPU stall, a graph cut short on XLA): the labels (from the manifest)
         # are not checked by a torch.unique per step, nor the loss for NaN by MeanMetric (`check_finite` does that).
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
@@ -140,7 +143,7 @@ class Classifier(pl.LightningModule):
         # device and checked after the step when metrics are logged anyway, and before any checkpoint is written.
         bad = ~torch.isfinite(loss.detach())
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
-        self.train_top1(logits, y)
+        self.train_top1(logits, y.argmax(1) if y.ndim == 2 else y)  # soft targets (a student's): their top class
         self.epoch_loss.update(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=False)

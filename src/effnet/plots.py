@@ -64,9 +64,34 @@ def curves_png(rows: list[dict], title: str, path: Path) -> None:
     loss.set(xlabel="epoch", ylabel="mean training loss")
     top1.plot(epochs, [r["val_top1"] for r in rows], marker=".")
     top1.set(xlabel="epoch", ylabel="val top-1 (%)")
-    for ax in (loss, top1):
+    _side_by_side(plt, fig, (loss, top1), title, path)
+
+
+def _side_by_side(plt, fig, axes, title: str, path: Path) -> None:
+    """Panels gridded under one title, saved to PATH and closed."""
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def pseudolabel_png(classes: list[str], before: list[int], after: list[int], confidences: list[float],
+                    threshold: float, title: str, path: Path) -> None:
+    """A teacher's pseudo-labels: images per class (its top class) past the threshold, before and after balancing,
+    beside the distribution of its confidence (top class probability) over every unlabeled image."""
+    import numpy as np
+    plt = _pyplot()
+    fig, (hist, conf) = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = np.arange(len(classes))
+    hist.bar(x - 0.2, before, width=0.4, label="past the threshold")
+    hist.bar(x + 0.2, after, width=0.4, label="balanced (with copies)")
+    hist.set_xticks(x, classes, rotation=90 if len(classes) > 10 else 0)
+    hist.set(xlabel="teacher's class", ylabel="images")
+    hist.legend()
+    conf.hist(confidences, bins=20, range=(0, 1), color="tab:gray")
+    conf.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}")
+    conf.set(xlabel="teacher's confidence (top class probability)", ylabel="unlabeled images")
+    conf.legend()
+    _side_by_side(plt, fig, (hist, conf), title, path)

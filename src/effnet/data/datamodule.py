@@ -63,13 +63,18 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = self.trainer
         world, rank, accumulate = ((trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches)
                                    if trainer else (1, 0, 1))
-        loader = train_loader(self.shards, None if self.feed.decodes else self.train_tf, self.batch_size,
-                              self.num_workers, self.shuffle_buffer, world, self.seed, self.draft,
-                              pin_memory=self.device.type == "cuda", rank=rank, accumulate=accumulate,
-                              resume=self._resume(world, rank), holdout=self.holdout, nice=worker_nice(self.device),
-                              hold_mb=self.hold_mb)
+        loader = self.make_train_loader(self.shards, None if self.feed.decodes else self.train_tf, self.batch_size,
+                                        self.num_workers, self.shuffle_buffer, world, self.seed, self.draft,
+                                        pin_memory=self.device.type == "cuda", rank=rank, accumulate=accumulate,
+                                        resume=self._resume(world, rank), holdout=self.holdout,
+                                        nice=worker_nice(self.device), hold_mb=self.hold_mb)
         self.stream = loader.state
         return self._prefetched(loader, train=True)
+
+    def make_train_loader(self, *args, **kwargs):
+        """The training epochs (`loaders.train_loader`'s arguments): a student's DataModule mixes in pseudo-labeled
+        images here (`mixed_stream.MixedDataModule`)."""
+        return train_loader(*args, **kwargs)
 
     def val_dataloader(self):
         if not self.feed.decodes and (self.trainer is None or self.trainer.world_size == 1):

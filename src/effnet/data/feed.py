@@ -23,6 +23,7 @@ from effnet.config import Params
 from effnet.data import gpu
 from effnet.data.batch_augment import BatchAugment
 from effnet.data.datamodule import ShardDataModule
+from effnet.data.mixed_stream import MixedDataModule
 from effnet.models import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -117,12 +118,15 @@ def for_params(params: Params, pre: Preprocessing, channels_last: bool, augment:
 
 
 def data_module(params: Params, shards: str | Path, pre: Preprocessing, train_tf, batch_size: int, seed: int,
-                channels_last: bool, augment: bool = True) -> ShardDataModule:
+                channels_last: bool, augment: bool = True, mix: dict | None = None) -> ShardDataModule:
     """A training stage's DataModule: the workers' uint8 transforms (TRAIN_TF for training, timm's eval transform
-    for validation), the device half of the configured data path, the `data.holdout` share of train left out."""
-    return ShardDataModule(shards, train_tf, pre, batch_size, params.data.num_workers, params.data.shuffle_buffer,
-                           for_params(params, pre, channels_last, augment), seed, holdout=params.data.holdout,
-                           hold_mb=params.data.hold_mb, max_skipped=params.data.max_skipped)
+    for validation), the device half of the configured data path, the `data.holdout` share of train left out.
+    With MIX (targets, ratio, smoothing: a Noisy Student's), training batches mix in pseudo-labeled images
+    (`mixed_stream.MixedDataModule`)."""
+    cls, extra = (ShardDataModule, {}) if mix is None else (MixedDataModule, mix)
+    return cls(shards, train_tf, pre, batch_size, params.data.num_workers, params.data.shuffle_buffer,
+               for_params(params, pre, channels_last, augment), seed, holdout=params.data.holdout,
+               hold_mb=params.data.hold_mb, max_skipped=params.data.max_skipped, **extra)
 
 
 def for_inference(params: Params, pre: Preprocessing) -> tuple[DeviceFeed, torch.device]:

@@ -87,6 +87,18 @@ def train_loader(shards: str | Path, transform, batch_size: int, num_workers: in
     (`HeldShards`)."""
     total = manifest.read_manifest(shards)["splits"]["train"]["total"]
     steps = epoch_steps(round(total * (1 - holdout)), batch_size, world_size, accumulate)
+    workers, rank, resume = resumable(steps, num_workers, rank, resume)
+    held = HeldShards(total, hold_mb / max(1, workers)) if hold_mb else None
+    stream = TrainStream(shard_urls(shards, "train"), transform, batch_size, shuffle_buffer, seed, rank, steps,
+                         draft, resume, holdout, held, shard_sizes(shards, "train"))
+    return epochs(stream, steps, workers, resume, pin_memory, nice)
+
+
+def resumable(steps: int, num_workers: int, rank: int | None, resume: StreamState | None
+              ) -> tuple[int, int, StreamState | None]:
+    """A training stream's loader workers (at most one per batch of the epoch), its rank (torch.distributed's when
+    None) and the state it resumes from: RESUME where it was made with the same steps and workers, else None (and a
+    warning)."""
     workers = min(num_workers, steps)
     if rank is None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -94,9 +106,12 @@ def train_loader(shards: str | Path, transform, batch_size: int, num_workers: in
         log.warning("the checkpoint's stream had %d batches per epoch over %d workers, this one %d over %d: it starts "
                     "afresh, not where the checkpoint was", resume.steps, resume.workers, steps, workers)
         resume = None
-    held = HeldShards(total, hold_mb / max(1, workers)) if hold_mb else None
-    stream = TrainStream(shard_urls(shards, "train"), transform, batch_size, shuffle_buffer, seed, rank, steps,
-                         draft, resume, holdout, held, shard_sizes(shards, "train"))
+    return workers, rank, resume
+
+
+def epochs(stream: TrainStream, steps: int, workers: int, resume: StreamState | None, pin_memory: bool, nice: int
+           ) -> TrainLoader:
+    """STREAM's epochs of STEPS batches over WORKERS loader workers (at a lower priority by NICE), from RESUME."""
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=pin_memory, prefetch_factor=PREFETCH if workers else None,
                                          worker_init_fn=_lower_priority(nice))
@@ -109,6 +124,7 @@ def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int
                 ) -> wds.WebLoader:
     """Batches of (images, labels, keys) of SPLIT (only the samples whose key KEEP accepts, when given); with
     transform None, of undecoded JPEG bytes (see `gpu.collate_jpeg`). Workers run at a lower priority by NICE.
+    The unlabeled split's samples have no class: their labels are -1.
 
     Under torch.distributed every sample goes to exactly one rank: whole shards per rank when there are at least
     as many shards as ranks; otherwise every rank reads all shards and keeps every world_size-th sample (so no
@@ -122,7 +138,8 @@ def eval_loader(shards: str | Path, transform, batch_size: int, num_workers: int
         ds = ds.slice(rank, None, world)
     if keep is not None:
         ds = ds.select(lambda sample: keep(sample["__key__"]))
-    ds = ds.to_tuple("jpg", "cls", "__key__")
+    ds = (ds.to_tuple("jpg", "cls", "__key__") if split != manifest.UNLABELED
+          else ds.to_tuple("jpg", "__key__").map(lambda sample: (sample[0], -1, sample[1])))
     if transform is None:
         ds = ds.map_tuple(bytes, int, str).batched(batch_size, collation_fn=collate_jpeg, partial=True)
     else:

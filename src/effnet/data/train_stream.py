@@ -45,6 +45,7 @@ class Position:
     rng: dict | None = None
     read: int = 0  # samples read over all epochs, skipped ones included
     skipped: dict[str, int] = field(default_factory=dict)  # shard URL -> samples of it skipped, over all epochs
+    unlabeled: int = 0  # a student's mixed stream: samples taken from the epoch's pseudo-labeled stream
 
 
 class Advance:

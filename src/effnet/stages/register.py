@@ -108,10 +108,12 @@ def describe(variant_key: str, metrics: dict, bundles: dict[str, Path], shards: 
         "selected_model": selected["model"],
         **fingerprints,
     }
+    student = provenance(bundles)
+    tags |= student_tags(student)
     key = io.sha256_json({"weights": io.sha256_file(bundles[selected["model"]] / "model.safetensors"),
                           "spec": spec.model_dump(), "metrics": metrics, "data": fingerprints})
     card = model_card(variant_key, spec, selected, split, {label: s.img_size for label, (_, s) in own.items()},
-                      candidates, fingerprints, run_tags)
+                      candidates, fingerprints, run_tags, student)
     return Version(model, spec, float(selected[f"{split}_top1"]), tags, card, key)
 
 
@@ -184,6 +186,33 @@ def complete(client: mlflow.MlflowClient, params: Params, name: str, mv: str, ne
     return decision
 
 
+STUDENT_RECORD = "noisy_student.json"  # in a Noisy Student's trained bundle (the train stage writes it)
+
+
+def provenance(bundles: dict[str, Path]) -> dict | None:
+    """A Noisy Student's record (teacher, iteration, pseudo-labels, noise), from the first bundle that has one."""
+    for path in bundles.values():
+        if (Path(path) / STUDENT_RECORD).is_file():
+            return json.loads((Path(path) / STUDENT_RECORD).read_text())
+    return None
+
+
+def student_tags(student: dict | None) -> dict[str, str]:
+    """A student version's tags: its teacher (variant, registered model and version), iteration, the unlabeled
+    data's fingerprint and the pseudo-label settings; none for a plain variant."""
+    if not student:
+        return {}
+    settings = student["settings"]
+    return {"noisy_student.teacher": student["teacher"],
+            "noisy_student.teacher_model": f"{student['teacher_model']}/{student['teacher_version']}",
+            "noisy_student.iteration": str(student["iteration"]),
+            "noisy_student.unlabeled_fingerprint": student["unlabeled_fingerprint"],
+            "noisy_student.pseudo_labels": (f"{settings['labels']}, threshold {settings['threshold']:g}, "
+                                            + (f"balanced to {settings['per_class_used']} per class"
+                                               if settings["balance"] else "not balanced")),
+            "noisy_student.ratio": f"{student['ratio']:g}"}
+
+
 def data_fingerprints(shards: str | Path | None, split: str) -> dict[str, str]:
     """`data_fingerprint`: the shard manifest's (every source image's bytes and label); `eval_fingerprint`: sha256
     of the class list and the bytes of SPLIT's shards, the data the measured figure comes from (shards are
@@ -202,7 +231,8 @@ def data_fingerprints(shards: str | Path | None, split: str) -> dict[str, str]:
 
 
 def model_card(name: str, spec: models.ModelSpec, selected: dict, split: str, own: dict[str, int],
-               candidates: list[dict] | None, fingerprints: dict[str, str], run_tags: dict[str, str]) -> str:
+               candidates: list[dict] | None, fingerprints: dict[str, str], run_tags: dict[str, str],
+               student: dict | None = None) -> str:
     """The version's description: markdown, what a user of the registry page needs."""
     variant = spec.resolve()
     card = variant.card_tags()
@@ -237,6 +267,18 @@ def model_card(name: str, spec: models.ModelSpec, selected: dict, split: str, ow
             cells = [f"**{row[k]}**" if (k, row["resolution"]) == (selected["model"], selected["resolution"])
                      else str(row[k]) for k in labels]
             lines.append(f"| {row['resolution']} | " + " | ".join(cells) + " |")
+    if student:
+        noise = student["noise"]
+        lines += ["", "## Noisy Student",
+                  f"Iteration {student['iteration']} ({' <- '.join(student['chain'])}): taught by `{student['teacher']}`, "
+                  f"registered model `{student['teacher_model']}` version {student['teacher_version']} "
+                  f"(its {student['teacher_selected']['model']} model at {student['teacher_selected']['resolution']} px).",
+                  f"Unlabeled data `{student['unlabeled_fingerprint'][:16]}`: {student['images']} images, {student['kept']} "
+                  f"past the threshold, {student['samples']} pseudo-labeled samples a pass ({student['rows']} images"
+                  " and their copies).",
+                  f"Pseudo-labels: {student_tags(student)['noisy_student.pseudo_labels']}; {student['ratio']:g} "
+                  f"pseudo-labeled per labeled image in each batch; noise: RandAugment `{noise['auto_augment']}`, "
+                  f"dropout {noise['drop_rate']}, stochastic depth {noise['drop_path_rate']}."]
     lines += [
         "",
         "## Preprocessing",

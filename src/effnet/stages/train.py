@@ -3,6 +3,7 @@
 the epoch with the best val top-1). Under DDP every rank runs this stage; only rank 0 writes the bundle."""
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,8 @@ from torch import nn
 
 from effnet import io, lightning, models, tracking
 from effnet.config import Params, TrainConfig
-from effnet.data import feed, regularise, transforms
-from effnet.data.manifest import read_manifest
+from effnet.data import feed, mixed_stream, regularise, transforms
+from effnet.data.manifest import UNLABELED, read_manifest
 from effnet.errors import EffnetError
 from effnet.variants import Recipe, Variant
 
@@ -50,13 +51,19 @@ class Trained:
     curves: list[dict]  # per epoch: epoch, train_loss, val_top1 (lightning.Curves)
 
 
-def run(params: Params, variant_key: str, shards: str | Path, out: Path, curves: Path | None = None) -> TrainResult:
+def run(params: Params, variant_key: str, shards: str | Path, out: Path, curves: Path | None = None,
+        pseudo: Path | None = None) -> TrainResult:
     """Train variant `variant_key` on SHARDS; write the model bundle to OUT and, with CURVES, the per-epoch training
-    curves there as JSON rows (`dvc plots`), on rank 0."""
-    trained = fit_model(params, variant_key, shards)
+    curves there as JSON rows (`dvc plots`), on rank 0. A student (a key of `students:`) trains on the labeled
+    split and the pseudo-labels in PSEUDO (`effnet pseudolabel`'s folder), whose record goes into the bundle
+    (`noisy_student.json`: what register names as its provenance)."""
+    student = noisy_student(params, variant_key, shards, pseudo)
+    trained = fit_model(params, variant_key, shards, student)
     written = trained.rank == 0
     if written:
         write(trained, params, out)
+        if student:
+            io.write_json(Path(out) / PROVENANCE, student.provenance)
         if curves:
             io.write_json(curves, trained.curves)
     return TrainResult(bundle=Path(out) if written else None, run_id=trained.run_id, spec=trained.spec,
@@ -66,11 +73,55 @@ def run(params: Params, variant_key: str, shards: str | Path, out: Path, curves:
                        curves=Path(curves) if curves and written else None)
 
 
-def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
+PROVENANCE = "noisy_student.json"  # in a student's bundle: its teacher, iteration, pseudo-labels, noise
+
+
+@dataclass
+class Student:
+    """What makes a variant a Noisy Student: its pseudo-label targets and the record that names their origin."""
+
+    targets: dict  # mixed_stream.Targets
+    provenance: dict
+
+
+def noisy_student(params: Params, variant_key: str, shards: str | Path, pseudo: Path | None) -> Student | None:
+    """None for a plain variant; for a student, its pseudo-labels (checked before any work: there, with the shards'
+    classes, and settings a soft target can train with)."""
+    if variant_key not in params.students:
+        if pseudo is not None:
+            raise EffnetError(f"variants.{variant_key}: --pseudo given, but it is not a student (no teacher)")
+        return None
+    if pseudo is None:
+        raise EffnetError(f"students.{variant_key}: a student trains with --pseudo <pseudolabel's folder>")
+    if params.train.mixup or params.train.cutmix:
+        raise EffnetError("train.mixup/train.cutmix: not for a student (its pseudo-labels are soft targets already)")
+    found = read_manifest(shards)
+    if found["splits"].get(UNLABELED, {}).get("total", 0) == 0:
+        raise EffnetError(f"students.{variant_key}: the shards at {shards} have no unlabeled images")
+    info_file = Path(pseudo) / "pseudolabel.json"
+    if not info_file.is_file():
+        raise EffnetError(f"students.{variant_key}: {info_file} not found (run `effnet pseudolabel` first)")
+    info = json.loads(info_file.read_text())
+    targets = mixed_stream.read_table(Path(pseudo) / "labels.parquet", found["classes"])
+    provenance = {**info, "student": variant_key, "pseudo_labels": io.sha256_file(Path(pseudo) / "labels.parquet"),
+                  "noise": student_cfg(params).model_dump(include={"auto_augment", "drop_rate", "drop_path_rate"}),
+                  "ratio": params.student.ratio}
+    return Student(targets, provenance)
+
+
+def student_cfg(params: Params) -> TrainConfig:
+    """train's params with the student's noise where `student:` sets it (RandAugment, dropout, stochastic depth)."""
+    noise = {k: v for k, v in params.student.model_dump(include={"auto_augment", "drop_rate", "drop_path_rate"}).items()
+             if v is not None}
+    return params.train.model_copy(update=noise)
+
+
+def fit_model(params: Params, variant_key: str, shards: str | Path, student: Student | None = None) -> Trained:
     """Build the model and fit it: the MLflow run `train@<variant_key>`, resumed from the variant's checkpoint.
     The Trainer comes first: its world size sets the global batch and so the LR, and a setting it cannot run with
-    stops the stage before any work."""
-    cfg, variant = params.train, params.variant(variant_key)
+    stops the stage before any work. A STUDENT trains with its noise on the mixed stream of labeled and
+    pseudo-labeled images (soft targets)."""
+    cfg, variant = (student_cfg(params) if student else params.train), params.variant(variant_key)
     rank_zero_only(tracking.check)()  # the one process that logs: a store that is down stops it here, in seconds
     trainer = lightning.make_trainer(cfg, cfg.epochs, checkpoint_folder(cfg, variant_key), cfg.accumulate_grad_batches,
                                      cfg.sync_bn, cfg.max_time, cfg.early_stop_patience)
@@ -82,16 +133,22 @@ def fit_model(params: Params, variant_key: str, shards: str | Path) -> Trained:
     pre = models.preprocessing(model, variant, cfg.img_size)
     speed = lightning.speed_settings(cfg)
     train_tf = transforms.train_transform(pre, cfg.auto_augment, cfg.crop_scale, uint8=True)
-    dm = feed.data_module(params, shards, pre, train_tf, cfg.batch_size, cfg.seed, speed["channels_last"])
     smoothing = variant.recipe.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
+    mix = dict(targets=student.targets, ratio=params.student.ratio, smoothing=smoothing) if student else None
+    dm = feed.data_module(params, shards, pre, train_tf, cfg.batch_size, cfg.seed, speed["channels_last"], mix=mix)
     module = lightning.Classifier(model, len(classes), optimizer_kwargs(cfg, variant.recipe, lr),
                                   schedule_kwargs(cfg, lr), smoothing, ema_decay=cfg.ema_decay,
                                   regularise=regularise.for_config(cfg, len(classes), smoothing),
-                                  compile=speed["compile"], channels_last=speed["channels_last"])
+                                  compile=speed["compile"], channels_last=speed["channels_last"],
+                                  soft_targets=student is not None)
     decode = "gpu" if dm.feed.decodes else "cpu"
     logged = {**cfg.model_dump(), "variant": variant.name, "lr_scaled": lr, "global_batch": global_batch,
               "world_size": trainer.world_size, "img_size": pre.img_size, "num_classes": len(classes),
               "decode": decode, **lightning.log_speed_settings(cfg)}
+    if student:  # in the resume fingerprint too: other pseudo-labels start afresh
+        logged |= {f"noisy_student.{k}": student.provenance[k] for k in
+                   ("teacher", "teacher_model", "teacher_version", "iteration", "unlabeled_fingerprint",
+                    "pseudo_labels", "ratio")}
     run_id = lightning.fit(trainer, module, dm, cfg, params.mlflow.experiment, f"train@{variant_key}", logged,
                            checkpoints=checkpoint_folder(cfg, variant_key))
     spec = models.ModelSpec(variant=variant_key, model=None if variant.phi is not None else variant.name,
