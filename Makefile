@@ -14,7 +14,7 @@ DOCS_PORT ?= 8000
 PORT ?= 5001
 HOST ?= 127.0.0.1
 
-.PHONY: install demo ui docs docs-gen serve serve-model test test-all zoo lock clean
+.PHONY: install install-xla demo ui docs docs-gen serve serve-model test test-all test-xla zoo lock lock-xla clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,19 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 install: $(VENV)/.installed
+
+# The XLA (TPU) environment, beside the main one: torch_xla pins its own torch (requirements-xla.in). No compileall:
+# `make test-xla` is one process, which compiles what it imports once (~7 GB of venv would take longer to compile).
+VENV_XLA ?= .venv-xla
+PY_XLA := $(VENV_XLA)/bin/python
+
+$(VENV_XLA)/.installed: pyproject.toml requirements-xla.lock
+	test -x $(PY_XLA) || python3 -m venv $(VENV_XLA)
+	$(PY_XLA) -m pip install -q uv==$(UV_VERSION)
+	$(VENV_XLA)/bin/uv pip install -q --python $(PY_XLA) --no-deps -r requirements-xla.lock -e .
+	touch $@
+
+install-xla: $(VENV_XLA)/.installed  ## the XLA (TPU) environment in .venv-xla, from requirements-xla.lock (docs: TPU)
 
 # The run's figures beside the committed ones (HEAD) and the change: on another machine the last digits move (docs:
 # Reproduce and schedule). Outside a git checkout there is nothing to compare with: the figures alone.
@@ -66,12 +79,25 @@ test: install  ## the layering contracts, then the fast suite (what CI runs)
 test-all: install  ## including the `slow` tests
 	$(PY) -m pytest -m ""
 
+# torch_xla's CPU device (PJRT_DEVICE=CPU) runs the XLA path here: lazy tensors, graph compilation, Lightning's XLA
+# strategy (docs: TPU). The tests pretend one TPU to Lightning; the product itself never does.
+test-xla: install-xla  ## the XLA tests (marker `xla`) in .venv-xla, from requirements-xla.lock
+	PATH=$(CURDIR)/$(VENV_XLA)/bin:$$PATH PJRT_DEVICE=CPU $(PY_XLA) -m pytest -m xla tests/test_xla.py
+
 zoo: install  ## all 13 card variants through the whole DAG on tiny data (slow); prints its time and peak memory
 	$(PY) -m pytest -m slow tests/test_zoo.py -s
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
 	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra docs --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+# The main lock's versions for everything but torch and its CUDA libraries, which torch_xla's torch replaces.
+lock-xla:  ## re-resolve requirements-xla.lock: requirements-xla.in over pyproject.toml, the rest as requirements.lock
+	awk '/^[a-z0-9]/ && (!/^(torch|torchvision|triton|cuda-[a-z-]+|nvidia-[a-z0-9-]+)==/ || /^nvidia-ml-py==/)' \
+	  requirements.lock > $(VENV)/main-lock-without-torch.txt
+	$(VENV)/bin/uv pip compile pyproject.toml requirements-xla.in --override requirements-xla.in \
+	  --constraint $(VENV)/main-lock-without-torch.txt --extra test --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_31 --custom-compile-command "make lock-xla" -o requirements-xla.lock
 
 clean:
 	rm -rf data models metrics mlflow.db mlartifacts .prefect .lightning

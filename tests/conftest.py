@@ -127,6 +127,20 @@ def pipeline(tmp_path_factory):
     return Pipeline(repo, json.loads(proc.stdout), proc.stderr)
 
 
+@pytest.fixture(scope="module")
+def xla_as_tpu():
+    """torch_xla's CPU device (PJRT_DEVICE=CPU) standing in for one TPU chip, for the `xla` tests only: Lightning's
+    XLAAccelerator counts TPU chips on the PCI bus (and asks the cloud's metadata server), finds none here and refuses
+    `accelerator="tpu"`; told there is one, it runs its XLA strategy on `xla:0`, the same lazy tensors and graph
+    compilation as on a TPU. The product never pretends: without a TPU, `train.accelerator=tpu` stops in one line."""
+    from lightning_fabric.accelerators.xla import XLAAccelerator
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PJRT_DEVICE", "CPU")
+        patch.setattr(XLAAccelerator, "is_available", staticmethod(lambda: True))
+        patch.setattr(XLAAccelerator, "auto_device_count", staticmethod(lambda: 1))
+        yield
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """An empty working directory: MLflow's default store (mlflow.db, mlartifacts/) lands here."""

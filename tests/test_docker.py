@@ -17,6 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+TPU_DOCKERFILE = ROOT / "docker" / "Dockerfile.tpu"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 PYTORCHJOB = ROOT / "docker" / "pytorchjob.yaml"
 PYTORCHJOB_SCHEMA = ROOT / "docker" / "pytorchjob.schema.json"
@@ -57,9 +58,19 @@ def env_items(service: dict):
     return env.items()
 
 
-def test_hadolint_passes():
-    proc = run(tool("hadolint"), DOCKERFILE)
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, TPU_DOCKERFILE], ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile):
+    proc = run(tool("hadolint"), dockerfile)
     assert proc.returncode == 0, f"hadolint failed:\n{proc.stdout}{proc.stderr}"
+
+
+def test_the_tpu_image_holds_the_xla_lock_and_runs_on_the_tpu():
+    text = TPU_DOCKERFILE.read_text()
+    steps = instructions(text)
+    final = steps[max(i for i, (kw, _) in enumerate(steps) if kw == "FROM"):]
+    assert "--no-deps -r requirements-xla.lock" in text and "requirements.lock" not in text.replace("-xla.lock", "")
+    assert any(kw == "ENV" and "PJRT_DEVICE=TPU" in arg for kw, arg in final)
+    assert ("ENTRYPOINT", '["effnet"]') in final
 
 
 def test_compose_matches_the_compose_spec():

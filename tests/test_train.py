@@ -2,6 +2,7 @@
 one process and on two ranks), NaN stop, and the speed settings predicting what plain fp32 does."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -74,6 +75,17 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_pa
     ckpt = torch.load(workspace / ".effnet/checkpoints/tiny/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] >= 1 and not (workspace / "trained").exists()
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None, reason="torch_xla here: tests/test_xla.py")
+def test_tpu_without_torch_xla_stops_in_one_line_naming_the_lock_to_install(shards_dir, workspace, capsys):
+    """The main lock's environment has no torch_xla (its torch is not the one torch_xla is built for)."""
+    params = write_tiny_params(workspace / "params.yaml")
+    rc = cli.main(train_args(shards_dir, params, "train.accelerator=tpu"))
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("effnet: error: train.accelerator=tpu needs torch_xla") and "requirements-xla.lock" in err[0]
+    assert not (workspace / "trained").exists() and not (workspace / ".effnet").exists()
 
 
 def _train_cmd(shards, params, *sets):

@@ -182,7 +182,8 @@ class TrainConfig(Section):
     pretrained_file: str | None = None
     """Start from a local safetensors/.pth weights file (offline)."""
     accelerator: str = "auto"
-    """Lightning's accelerator: auto, cpu, gpu, tpu."""
+    """Lightning's accelerator: auto, cpu, gpu, tpu (torch_xla's device: in the environment of requirements-xla.lock,
+    docs/tpu.md)."""
     devices: int | str = 1
     """Devices per node, in any form Lightning takes: 2, -1, auto, "0,1"."""
     num_nodes: int = Field(default=1, ge=1)

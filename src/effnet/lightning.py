@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins import TorchCheckpointIO
+from lightning_fabric.plugins import TorchCheckpointIO, XLACheckpointIO
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.logger import DummyLogger
@@ -105,10 +105,12 @@ class Classifier(pl.LightningModule):
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         soft = soft_targets or (regularise is not None and regularise.mixes)
         self.train_loss = SoftTargetCrossEntropy() if soft else self.loss
-        self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
+        # No host reads in the training step (a GPU stall, a graph cut short on XLA): the labels (from the manifest)
+        # are not checked by a torch.unique per step, nor the loss for NaN by MeanMetric (`check_finite` does that).
+        self.train_top1 = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_images = SumMetric()  # across ranks: each val image is counted once
-        self.epoch_loss = MeanMetric()  # the epoch's mean training loss, for `Curves`; on the device, no sync a step
+        self.epoch_loss = MeanMetric(nan_strategy="disable")  # the epoch's mean training loss, for `Curves`
         self.epoch_loss.persistent(True)  # in the checkpoint: an epoch resumed mid-way keeps its whole mean
         if trainable is not None:
             for p in model.parameters():
@@ -122,6 +124,10 @@ class Classifier(pl.LightningModule):
         """The model to validate and export: the EMA when there is one."""
         return self.model if self.ema is None else self.ema.module
 
+    def on_train_start(self) -> None:
+        # A tensor from the first step on (also after a resume): every step traces the same ops (one XLA graph).
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+
     def on_train_epoch_start(self) -> None:
         if self.trainable is not None:  # Lightning put everything in train mode: re-freeze
             self.model.eval()
@@ -134,16 +140,18 @@ class Classifier(pl.LightningModule):
         logits = self.model(inputs)
         loss = self.train_loss(logits, targets)
         # Reading the loss on the host would stall the GPU every step: a non-finite loss is remembered on the
-        # device and checked when metrics are logged anyway, and before any checkpoint is written.
+        # device and checked after the step when metrics are logged anyway, and before any checkpoint is written.
         bad = ~torch.isfinite(loss.detach())
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.check_finite()
         self.train_top1(logits, y.argmax(1) if y.ndim == 2 else y)  # soft targets (a student's): their top class
         self.epoch_loss.update(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=False)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if (self.global_step - 1) % self.trainer.log_every_n_steps == 0:  # the step just taken, at the interval
+            self.check_finite()
 
     def check_finite(self) -> None:
         if self.nonfinite is not None and bool(self.nonfinite):
@@ -162,6 +170,9 @@ class Classifier(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step + 1)
+            if self.device.type == "xla":  # the EMA's update as a graph of its own, run now (the optimizer's ran in
+                import torch_xla  # Lightning's `mark_step`): each step's graphs the same, whether a checkpoint or
+                torch_xla.sync()  # validation comes next or not
 
     def validation_step(self, batch, _):
         x, y, _keys = batch
@@ -329,11 +340,15 @@ class CheckedCheckpointIO(TorchCheckpointIO):
     naming the file; the checkpoints already there are left as they were. Read back with `weights_only` (tensors
     and plain values only: loading a checkpoint runs no code)."""
 
+    def on_host(self, checkpoint: dict) -> dict:
+        """CHECKPOINT with its tensors where `torch.save` can write them from: as they are."""
+        return checkpoint
+
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         buffer = BytesIO()
-        torch.save(checkpoint, buffer)
+        torch.save(self.on_host(checkpoint), buffer)
         data = buffer.getbuffer()
         sums = read_checksums(path.parent)
         entry = {"sha256": hashlib.sha256(data).hexdigest(), "step": checkpoint.get("global_step")}
@@ -358,6 +373,22 @@ class CheckedCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return super().load_checkpoint(path, map_location=map_location or (lambda storage, loc: storage),
                                        weights_only=True)
+
+
+class CheckedXLACheckpointIO(CheckedCheckpointIO, XLACheckpointIO):
+    """`CheckedCheckpointIO` for Lightning's XLA strategies (which take an XLACheckpointIO only): the pending graph
+    run first (the last step's EMA update follows the optimizer's `mark_step`), then every tensor copied to the host,
+    as Lightning's own XLA writer does: the file loads where there is no XLA device (a CPU, `effnet fixres`)."""
+
+    def on_host(self, checkpoint: dict) -> dict:
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        torch_xla.sync()
+        return xm._maybe_convert_to_cpu(checkpoint, convert=True)
+
+
+def checkpoint_io(accelerator: str) -> CheckedCheckpointIO:
+    return CheckedXLACheckpointIO() if accelerator == "tpu" else CheckedCheckpointIO()
 
 
 def resume_point(folder: Path, fp: str, resume: bool) -> tuple[str | None, str | None]:
@@ -428,18 +459,39 @@ def checkpoint_callbacks(folder: Path, every_n_steps: int | None, best: bool = F
     return callbacks
 
 
-def process_rng() -> dict:
-    """The training process's RNG states (python, numpy, torch CPU and CUDA), as plain values."""
+def process_rng(device: torch.device | None = None) -> dict:
+    """The training process's RNG states (python, numpy, torch CPU and CUDA; on an XLA DEVICE, its own), as plain
+    values."""
     state = train_stream.rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    if device is not None and device.type == "xla":
+        import torch_xla.core.xla_model as xm
+        state["xla"] = xm.get_rng_state(device)
     return state
 
 
-def set_process_rng(state: dict) -> None:
+def set_process_rng(state: dict, device: torch.device | None = None) -> None:
     train_stream.set_rng_state(state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if "xla" in state and device is not None and device.type == "xla":
+        import torch_xla.core.xla_model as xm
+        xm.set_rng_state(state["xla"], device)
+
+
+class XlaSeed(pl.Callback):
+    """On an XLA device, its RNG (dropout and drop path draw from it there) seeded with SEED as the run starts:
+    torch's seed (`pl.seed_everything`) does not reach it, and it goes on from wherever the process left it."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        device = trainer.strategy.root_device
+        if device.type == "xla":
+            import torch_xla.core.xla_model as xm
+            xm.set_rng_state(self.seed, device)
 
 
 class ProcessRng(pl.Callback):
@@ -450,9 +502,13 @@ class ProcessRng(pl.Callback):
 
     def __init__(self):
         self.restored: list[dict] | None = None
+        self.device: torch.device | None = None
 
-    def state_dict(self) -> dict:
-        return {"ranks": datamodule.per_rank(process_rng())}  # a collective: every rank saves the checkpoint's dict
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.device = trainer.strategy.root_device
+
+    def state_dict(self) -> dict:  # a collective: every rank saves the checkpoint's dict
+        return {"ranks": datamodule.per_rank(process_rng(self.device))}
 
     def load_state_dict(self, state: dict) -> None:
         self.restored = state["ranks"]
@@ -460,7 +516,7 @@ class ProcessRng(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.restored is not None:
             if len(self.restored) == trainer.world_size:
-                set_process_rng(self.restored[trainer.global_rank])
+                set_process_rng(self.restored[trainer.global_rank], self.device)
             self.restored = None
 
 
@@ -569,6 +625,20 @@ def strategy(cfg: TrainConfig):
     return name
 
 
+def require_xla(accelerator: str) -> None:
+    """`tpu` needs torch_xla, built for this torch: not in the main lock (requirements.lock), which pins a torch that
+    torch_xla's wheels do not run with. Checked before any work, in one line naming the lock to install."""
+    if accelerator != "tpu":
+        return
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EffnetError(f"train.accelerator=tpu needs torch_xla, which this environment cannot import ({why}): "
+                          "install requirements-xla.lock (its own venv: `make test-xla` builds .venv-xla; see "
+                          "docs/tpu.md)") from None
+
+
 def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None, accumulate: int = 1,
                  sync_bn: bool = False, max_time: str | None = None, patience: int | None = None) -> pl.Trainer:
     """The Trainer on CFG's accelerator, devices, nodes and strategy, resolved: its world size and rank are known
@@ -577,7 +647,8 @@ def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None,
     `checkpoint_callbacks` says and on SIGTERM; ACCUMULATE batches per optimizer step; SYNC_BN: BatchNorm statistics
     over all ranks; MAX_TIME: Lightning's time budget (DD:HH:MM:SS); PATIENCE: early stopping on val top-1 (epochs
     without a better one), keeping `best.ckpt`."""
-    callbacks = [LearningRateMonitor(logging_interval="step"), EpochSummary(), Curves()]
+    require_xla(cfg.accelerator)
+    callbacks = [LearningRateMonitor(logging_interval="step"), EpochSummary(), Curves(), XlaSeed(cfg.seed)]
     if cfg.progress_bar:
         callbacks.append(ProgressBar())
     if patience:
@@ -592,7 +663,7 @@ def make_trainer(cfg: TrainConfig, epochs: int, checkpoints: Path | None = None,
             enable_checkpointing=bool(checkpoints), enable_progress_bar=cfg.progress_bar,
             log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False, default_root_dir=".lightning",
             accumulate_grad_batches=accumulate,
-            plugins=[*([GlobalBatchNorm()] if sync_bn else []), *([CheckedCheckpointIO()] if checkpoints else [])],
+            plugins=[*([GlobalBatchNorm()] if sync_bn else []), *([checkpoint_io(cfg.accelerator)] if checkpoints else [])],
             max_time=max_time,
         )
     except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:

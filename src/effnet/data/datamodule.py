@@ -89,7 +89,11 @@ class ShardDataModule(pl.LightningDataModule):
         return self._prefetched(loader, train=False)
 
     def _prefetched(self, loader, train: bool) -> DevicePrefetcher:
-        return DevicePrefetcher(loader, self.feed, train, self.device, threaded=self.num_workers == 0)
+        # XLA: no thread. Its ops are traced lazily into the pending graph, whichever thread runs them: a feed run
+        # beside the step would land in that step's graph or the next, as timing has it, a new graph to compile
+        # each time. In the step's own thread the normalisation joins each step's graph the same way.
+        threaded = self.num_workers == 0 and self.device.type != "xla"
+        return DevicePrefetcher(loader, self.feed, train, self.device, threaded=threaded)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """A training batch is about to be trained on: advance the stream's state, and drop its `Advance`."""
